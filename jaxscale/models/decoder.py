@@ -1,0 +1,260 @@
+"""Decoder-only transformer language model, Llama-style or GPT-2-style by configuration.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and every activation
+is constrained by logical names at block boundaries and inside attention and the MLP
+(`sharding.constrain`); which mesh axes those names map to is decided by the sharding rules,
+never here.
+
+Shape legend for tensor names (``q_BTNH``):
+  B batch            T query length      S key/value length
+  D d_model          N query heads       K key/value heads      H head dim
+  F MLP hidden       V vocabulary
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxscale import remat
+from jaxscale.config import ModelConfig
+from jaxscale.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _dense(cfg: ModelConfig, features, axes, *, name, axis=-1, std=None):
+    num_in = 1 if isinstance(axis, int) else len(axis)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=cfg.use_bias,
+        dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        kernel_init=_init(cfg.init_std if std is None else std, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[num_in:]),
+        name=name,
+    )
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+    common = dict(
+        epsilon=cfg.norm_eps, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), name=name,
+    )
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(**common)
+    return nn.LayerNorm(
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), **common
+    )
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form), computed in float32."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    sin = jnp.sin(angle_BTh)[:, :, None, :]
+    cos = jnp.cos(angle_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def reference_attention(
+    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array | None
+) -> jax.Array:
+    """Causal attention written out (float32 softmax); the yardstick for the fused paths."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
+    scores_BKGTS = scores_BKGTS / math.sqrt(H)
+    causal_TS = jnp.tril(jnp.ones((T, k_BSKH.shape[1]), dtype=bool))
+    allowed = causal_TS[None] if mask_BTS is None else causal_TS[None] & mask_BTS
+    scores_BKGTS = jnp.where(allowed[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+def attention(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    segment_ids_BT: jax.Array | None,
+    implementation: str,
+) -> jax.Array:
+    """Causal (and, with segment ids, document-masked) attention with grouped-query heads.
+
+    Args:
+      implementation: "reference" (explicit einsums), "xla", "cudnn" (fused kernel, GPU), or
+        "auto": cudnn on GPU for half-precision inputs without segment ids, else xla.
+    """
+    mask_BTS = None
+    if segment_ids_BT is not None:
+        mask_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    if implementation == "reference":
+        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    impl = implementation
+    if impl == "auto":
+        fusable = (
+            jax.default_backend() == "gpu"
+            and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+            and mask_BTS is None
+        )
+        impl = "cudnn" if fusable else "xla"
+    mask = None if mask_BTS is None else mask_BTS[:, None]
+    try:
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True, implementation=impl
+        )
+    except (NotImplementedError, ValueError, RuntimeError):
+        if implementation != "auto":
+            raise
+        # cuDNN rejects some shapes (e.g. head dims it has no kernel for): use XLA's.
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True, implementation="xla"
+        )
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        cfg = self.cfg
+        N = cfg.num_heads
+        K = cfg.num_kv_heads or N
+        H = cfg.head_dim or cfg.d_model // N
+        q_BTNH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), name="query")(x_BTD)
+        k_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="key")(x_BTD)
+        v_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="value")(x_BTD)
+        q_BTNH = checkpoint_name(q_BTNH, remat.QUERY_PROJ)
+        k_BSKH = checkpoint_name(k_BSKH, remat.KEY_PROJ)
+        v_BSKH = checkpoint_name(v_BSKH, remat.VALUE_PROJ)
+        q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
+        k_BSKH = constrain(k_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
+        v_BSKH = constrain(v_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
+        if cfg.position == "rope":
+            q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
+            k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_theta)
+        out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg.attention)
+        out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
+        out_BTNH = checkpoint_name(out_BTNH, remat.ATTN_OUT)
+        out_BTD = _dense(
+            cfg, cfg.d_model, ("heads", "head_dim", "embed"), axis=(-2, -1), name="out",
+            std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+        )(out_BTNH)
+        return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(out_BTD)
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        up_BTF = _dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_up")(x_BTD)
+        up_BTF = checkpoint_name(up_BTF, remat.MLP_IN)
+        if cfg.mlp == "swiglu":
+            gate_BTF = _dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_gate")(x_BTD)
+            gate_BTF = checkpoint_name(gate_BTF, remat.MLP_IN)
+            h_BTF = nn.silu(gate_BTF) * up_BTF
+        else:
+            h_BTF = nn.gelu(up_BTF)
+        h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
+        out_BTD = _dense(
+            cfg, cfg.d_model, ("mlp", "embed"), name="wo",
+            std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+        )(h_BTF)
+        out_BTD = checkpoint_name(out_BTD, remat.MLP_OUT)
+        return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(out_BTD)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. Returns (x, None) so that nn.scan can carry x."""
+
+    cfg: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        cfg = self.cfg
+        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+        h_BTD = _norm(cfg, "attn_norm")(x_BTD)
+        x_BTD = x_BTD + Attention(cfg, self.deterministic, name="attn")(
+            h_BTD, positions_BT, segment_ids_BT
+        )
+        h_BTD = _norm(cfg, "mlp_norm")(x_BTD)
+        x_BTD = x_BTD + Mlp(cfg, self.deterministic, name="mlp")(h_BTD)
+        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+        return x_BTD, None
+
+
+class Decoder(nn.Module):
+    """The decoder LM. Follows the jaxscale model interface:
+
+    ``logits_BTV = model.apply(variables, tokens_BT, positions_BT=None, segment_ids_BT=None,
+    deterministic=True, rngs={"dropout": key})``
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, deterministic=True):
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype],
+            param_dtype=DTYPES[cfg.param_dtype],
+            embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed",
+        )
+        x_BTD = embed(tokens_BT)
+        if cfg.position == "learned":
+            x_BTD = x_BTD + nn.Embed(
+                cfg.max_seq_len, cfg.d_model, dtype=DTYPES[cfg.dtype],
+                param_dtype=DTYPES[cfg.param_dtype],
+                embedding_init=_init(cfg.init_std / 2, (None, "embed")), name="pos_embed",
+            )(positions_BT)
+        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+        x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
+
+        block = Block
+        policy = remat.get_policy(cfg.remat)
+        if policy is not None:
+            block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BTD, _ = stack(cfg, deterministic, name="layers")(x_BTD, positions_BT, segment_ids_BT)
+        else:
+            for i in range(cfg.num_layers):
+                x_BTD, _ = block(cfg, deterministic, name=f"layers_{i}")(
+                    x_BTD, positions_BT, segment_ids_BT
+                )
+
+        x_BTD = _norm(cfg, "final_norm")(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), name="lm_head")(x_BTD)
+        return constrain(logits_BTV, ("batch", "length", "act_vocab"))
