@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jaxscale.errors import ConfigError
+
 PRESETS_DIR = pathlib.Path(__file__).parent / "configs"
 
 # Valid names for the string-valued choices. The tables that implement them (remat.POLICIES,
@@ -34,12 +36,8 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
 ATTENTIONS = ("auto", "xla", "cudnn", "reference")
-DATA_SOURCES = ("text", "synthetic", "shards", "hf")
+DATA_SOURCES = ("text", "synthetic")
 NONFINITE_POLICIES = ("abort", "skip")
-
-
-class ConfigError(ValueError):
-    """A setting is invalid. The message is one line naming the key, the value and what is valid."""
 
 
 @dataclass(frozen=True)
@@ -133,9 +131,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "text"  # text | synthetic | shards (from `jaxscale prepare`) | hf (datasets)
-    # text: a directory, file or glob of text files ("" = the Python standard library's sources);
-    # shards: a directory written by `jaxscale prepare`; hf: a local dataset path or name.
+    source: str = "text"  # text | synthetic
+    # text: a directory, file or glob of text files ("" = the Python standard library's sources)
     path: str = ""
     tokenizer: str = "byte"  # byte | path/to/tokenizer.json (Hugging Face tokenizers)
     val_fraction: float = 0.02  # fraction of documents held out for evaluation
@@ -143,7 +140,6 @@ class DataConfig:
     shuffle: bool = True  # shuffle sequences with the run's seed
     num_threads: int = 2  # background threads reading records
     prefetch: int = 4  # batches prepared ahead of the step
-    text_key: str = "text"  # hf / jsonl: the field holding the text
 
 
 @dataclass(frozen=True)
@@ -452,10 +448,6 @@ def _validate_data(d: DataConfig) -> None:
     _fraction("data.val_fraction", d.val_fraction, closed=False)
     _positive("data.num_threads", d.num_threads)
     _non_negative("data.prefetch", d.prefetch)
-    if d.source == "shards" and not d.path:
-        raise ConfigError("data.source='shards' needs data.path (a directory from jaxscale prepare)")
-    if d.source == "hf" and not d.path:
-        raise ConfigError("data.source='hf' needs data.path (a dataset name or local path)")
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:
