@@ -32,17 +32,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxscale.config import ConfigError
+from jaxscale.errors import ConfigError, ShardingError
 
 MeshAxes = Union[str, tuple[str, ...], None]
 LogicalRules = tuple[tuple[str, MeshAxes], ...]
 
 # Mesh axes that carry the batch (data parallelism in its two flavours).
 BATCH_AXES = ("data", "fsdp")
-
-
-class ShardingError(ValueError):
-    """A sharding rule or annotation cannot be applied; the message names the array."""
 
 
 def _preset(param_axes: MeshAxes, tensor: MeshAxes) -> LogicalRules:
@@ -103,7 +99,7 @@ def resolve_rules(rules: str | Sequence[Sequence[Any]]) -> LogicalRules:
     return tuple(out)
 
 
-def _axes(target: MeshAxes) -> tuple[str, ...]:
+def axes_of(target: MeshAxes) -> tuple[str, ...]:
     if target is None:
         return ()
     return (target,) if isinstance(target, str) else tuple(target)
@@ -112,7 +108,7 @@ def _axes(target: MeshAxes) -> tuple[str, ...]:
 def check_rules(rules: LogicalRules, mesh: Mesh) -> None:
     """Every mesh axis a rule names must exist in `mesh`."""
     for name, target in rules:
-        for axis in _axes(target):
+        for axis in axes_of(target):
             if axis not in mesh.axis_names:
                 close = difflib.get_close_matches(axis, mesh.axis_names, n=1)
                 raise ShardingError(
@@ -150,8 +146,8 @@ def logical_to_spec(
                 f"as [{name!r}, null] to sharding.rules"
                 + (f" (did you mean '{close[0]}'?)" if close else "")
             )
-        chosen = next((t for t in targets if not used.intersection(_axes(t))), None)
-        used.update(_axes(chosen))
+        chosen = next((t for t in targets if not used.intersection(axes_of(t))), None)
+        used.update(axes_of(chosen))
         spec.append(chosen)
     return PartitionSpec(*spec)
 
@@ -160,7 +156,7 @@ def _check_divisible(
     shape: Sequence[int], spec: PartitionSpec, logical: Sequence[str | None], mesh: Mesh, what: str
 ) -> None:
     for dim, (size, target) in enumerate(zip(shape, spec)):
-        axes = _axes(target)
+        axes = axes_of(target)
         parts = math.prod(mesh.shape[a] for a in axes)
         if size % parts:
             raise ShardingError(
@@ -347,7 +343,7 @@ def _check_mesh_used(mesh: Mesh, rules: LogicalRules, shardings: list[NamedShard
 
 def _axes_in_spec(spec: PartitionSpec) -> Iterator[str]:
     for target in spec:
-        yield from _axes(target)
+        yield from axes_of(target)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+# optax >= 0.2.5 has optax.tree.norm; older versions only optax.global_norm.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
 class LossOutput(NamedTuple):
     objective: jax.Array  # sum over tokens of the loss to minimise
     weight: jax.Array  # number of tokens (or total weight) the sums run over
@@ -190,7 +194,7 @@ def make_train_step(
             grads, out, extra = accumulate(state, batch, rng)
             weight = jnp.maximum(out.weight, 1.0)
             grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = _tree_norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             finite = jnp.isfinite(out.objective) & jnp.isfinite(grad_norm)
@@ -224,23 +228,33 @@ def make_eval_step(
     mesh: Mesh | None = None,
     rules: shd.LogicalRules = (),
     forward_fn: ForwardFn | None = None,
-) -> Callable[[TrainState, Batch], Metrics]:
-    """Build the pure evaluation step ``(state, batch) -> sums``.
+) -> Callable[[TrainState, Batch, Metrics], Metrics]:
+    """Build the pure evaluation step ``(state, batch, sums) -> sums``.
 
-    Returns sums, not means, so that several batches add up exactly: ``{"weight": tokens,
-    "loss": cross-entropy sum, ...}``; divide by "weight" after adding (see `finish_eval`).
+    It adds this batch's sums to the running `sums` (start from `eval_sums_zero(...)`):
+    ``{"weight": tokens, "objective": ..., "loss": cross-entropy sum, ...}``; divide by "weight"
+    at the end (`finish_eval`). Chaining the batches through `sums` makes each evaluation call
+    depend on the previous one, so no two of them run at once (on simulated CPU devices two
+    independent programs with collectives can deadlock each other).
     """
     loss_fn = loss_fn or lm_loss
     forward = forward_fn or model_forward(model)
 
-    def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    def eval_step(state: TrainState, batch: Batch, sums: Metrics) -> Metrics:
         with shd.activation_sharding(mesh, rules):
             variables = {"params": state.params, **state.extra}
             logits, _ = forward(variables, _constrain_batch(batch), None, True, False)
             out = loss_fn(logits, batch)
-        return {"objective": out.objective, "weight": out.weight, **out.sums}
+        new = {"objective": out.objective, "weight": out.weight, **out.sums}
+        return {k: sums.get(k, 0.0) + v for k, v in new.items()}
 
     return eval_step
+
+
+def eval_sums_zero(eval_step: Callable, state: Any, batch: Batch) -> Metrics:
+    """Zeros of the running sums that `eval_step` (the pure function) returns."""
+    shapes = jax.eval_shape(eval_step, state, batch, {})
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def finish_eval(sums: Metrics) -> dict[str, float]:
@@ -271,4 +285,4 @@ def jit_step(
 
 def jit_eval_step(step_fn: Callable, state_shardings: Any, batch_sharding: NamedSharding):
     """jit an eval step with the state's and the batch's shardings."""
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding))
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, None))
