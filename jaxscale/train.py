@@ -228,13 +228,23 @@ def train(cfg: Config, *, model: nn.Module | None = None) -> TrainState:
 
 
 def _summary(cfg: Config, history: list[dict[str, Any]], stats, compile_s: float, wall_s: float):
-    timed = [r for r in history if r["step"] > history[0]["step"]] or history
+    """Totals of the run. Throughput is total tokens over total step time, leaving out the first
+    interval (it includes the input pipeline's warm-up) when there is more than one."""
+    if not history:  # nothing left to train (e.g. resumed at the last step)
+        return {"steps": cfg.steps, "final_loss": None, "final_eval_loss": None,
+                "tokens_per_sec": 0.0, "mfu": 0.0, "peak_bytes_per_device": stats.peak_bytes,
+                "compile_time_s": compile_s, "wall_time_s": wall_s}
+    timed = history[1:] or history
+    steps = [r["step"] - p["step"] for p, r in zip(history, history[1:])] or [history[0]["step"]]
+    seconds = sum(n * r["step_time_s"] for n, r in zip(steps, timed))
+    tokens = sum(n * r["tokens_per_sec"] * r["step_time_s"] for n, r in zip(steps, timed))
+    tokens_per_sec = tokens / max(seconds, 1e-9)
+    # MFU is proportional to throughput: scale any record's ratio.
+    mfu = tokens_per_sec * timed[-1]["mfu"] / max(timed[-1]["tokens_per_sec"], 1e-9)
     evals = [r for r in history if "eval_loss" in r]
-    tokens_per_sec = sum(r["tokens_per_sec"] for r in timed) / max(len(timed), 1)
-    mfu = sum(r["mfu"] for r in timed) / max(len(timed), 1)
     return {
         "steps": cfg.steps,
-        "final_loss": history[-1]["loss"] if history else None,
+        "final_loss": history[-1]["loss"],
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "tokens_per_sec": tokens_per_sec,
         "mfu": mfu,
