@@ -71,9 +71,11 @@ def make_schedule(cfg: OptimConfig, total_steps: int | None = None) -> optax.Sch
             f"optim.schedule={cfg.schedule!r} is not valid; choose one of: {', '.join(SCHEDULES)}"
         )
     decay_steps = cfg.decay_steps
-    if decay_steps == 0:
+    if decay_steps == 0 and cfg.schedule != "constant":
         if total_steps is None:
-            raise ConfigError("optim.decay_steps=0 needs the run's total steps to size the schedule")
+            raise ConfigError(
+                "optim.decay_steps=0 needs the run's total steps to size the schedule"
+            )
         decay_steps = max(total_steps - cfg.warmup_steps, 1)
     after = SCHEDULES[cfg.schedule](cfg, decay_steps)
     if cfg.warmup_steps == 0:
@@ -108,19 +110,30 @@ def _lion(cfg: OptimConfig, lr: optax.Schedule, mask) -> optax.GradientTransform
 
 
 def _adafactor(cfg: OptimConfig, lr: optax.Schedule, mask) -> optax.GradientTransformation:
-    return optax.adafactor(
-        lr, multiply_by_parameter_scale=False, dtype_momentum=_DTYPES[cfg.moment_dtype],
-        weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask,
+    # optax.adafactor adds weight_decay_rate * param after its learning rate, so the decay would
+    # not scale with lr (weight_decay=0.1 would shrink every weight by 10% a step). Scaling by
+    # the learning rate last makes it decoupled decay as in adamw: p -= lr * (update + wd * p).
+    return optax.chain(
+        optax.adafactor(
+            None, multiply_by_parameter_scale=False, momentum=cfg.b1 or None,
+            dtype_momentum=_DTYPES[cfg.moment_dtype],
+            weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask,
+        ),
+        optax.scale_by_learning_rate(lr, flip_sign=False),
     )
 
 
 def _sgd(cfg: OptimConfig, lr: optax.Schedule, mask) -> optax.GradientTransformation:
+    """SGD (with momentum) and decoupled weight decay: p -= lr * (momentum_update + wd * p)."""
+    momentum = (
+        optax.trace(cfg.momentum, nesterov=cfg.nesterov,
+                    accumulator_dtype=_DTYPES[cfg.moment_dtype])
+        if cfg.momentum else optax.identity()
+    )
     return optax.chain(
+        momentum,
         optax.add_decayed_weights(cfg.weight_decay, mask),
-        optax.sgd(
-            lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov,
-            accumulator_dtype=_DTYPES[cfg.moment_dtype],
-        ),
+        optax.scale_by_learning_rate(lr),
     )
 
 
@@ -132,7 +145,9 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 }
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int | None = None
+) -> optax.GradientTransformation:
     """The optax transformation for `cfg`.
 
     Args:
