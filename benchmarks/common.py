@@ -1,0 +1,101 @@
+"""Shared pieces of the CPU benchmarks: simulated devices, building a jaxscale step from a config,
+and timing several programs round-robin.
+
+On simulated CPU devices two programs with collectives must never be in flight at once (XLA's CPU
+collectives deadlock), so every timed call blocks on its outputs before the next one starts.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+
+def simulate_devices(count: int = 8) -> None:
+    """N simulated CPU devices; call before jax is imported."""
+    if "jax" in sys.modules:
+        raise RuntimeError("simulate_devices must run before jax is imported")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+class Step:
+    """A jaxscale train step of one config, compiled ahead of time, with its state and a batch."""
+
+    def __init__(self, cfg, *, donate: bool = True):
+        import jax
+        import numpy as np
+
+        from jaxscale import hlo, metrics
+        from jaxscale import sharding as shd
+        from jaxscale.mesh import make_mesh
+        from jaxscale.models import build_model
+        from jaxscale.optim import make_optimizer
+        from jaxscale.state import init_state
+        from jaxscale.step import jit_step, make_train_step
+
+        self.cfg = cfg
+        mesh = make_mesh(cfg.mesh)
+        rules = shd.resolve_rules(cfg.sharding.rules)
+        model = build_model(cfg.model)
+        tx = make_optimizer(cfg.optim, cfg.steps)
+        self.state, shardings = init_state(model, tx, mesh, rules, seq_len=cfg.seq_len)
+        batch_sharding = shd.batch_sharding(mesh, rules)
+        tokens = np.random.default_rng(0).integers(
+            0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+        self.batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
+                                    batch_sharding)
+        self.rng = jax.random.key(0)
+        fn = jit_step(make_train_step(model, tx, mesh=mesh, rules=rules), shardings,
+                      batch_sharding, donate=donate)
+        start = time.perf_counter()
+        self.compiled = fn.lower(self.state, self.batch, self.rng).compile()
+        self.compile_s = time.perf_counter() - start
+        self.stats = metrics.compiled_stats(self.compiled)
+        self.rows = shd.sharding_report(
+            __import__("jaxscale.state", fromlist=["abstract_state"]).abstract_state(
+                model, tx, cfg.seq_len), mesh, rules)
+        self.collectives = hlo.summarize(hlo.collectives(self.compiled.as_text(),
+                                                         mesh.devices.size))
+        self.flops = metrics.flops_per_token(cfg.model, cfg.seq_len)
+
+    def __call__(self) -> float:
+        """One step, blocked until done; returns the loss (a host read after the block)."""
+        import jax
+
+        self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+        jax.block_until_ready((self.state, metrics))
+        return metrics["loss"]
+
+    @property
+    def tokens(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len
+
+
+def round_robin(fns: Sequence[Callable[[], object]], steps: int, warmup: int = 2
+                ) -> list[list[float]]:
+    """Seconds per call of each fn: warm each up, then call them in turn `steps` times."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(steps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def median_spread(times: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max) in milliseconds."""
+    return 1e3 * statistics.median(times), 1e3 * min(times), 1e3 * max(times)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"

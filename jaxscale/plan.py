@@ -1,0 +1,419 @@
+"""`jaxscale plan`: pick a mesh and a remat policy for N devices before renting them.
+
+For every candidate layout of N devices (data, fsdp, hybrid, fsdp x tensor; see `candidates`) and
+remat policy, the train step is compiled ahead of time for N simulated CPU devices from abstract
+shapes (nothing is allocated) and judged against a target accelerator (`TARGETS`):
+
+* memory: XLA's memory analysis of the compiled step (arguments + outputs + temporaries -
+  donated) against the target's HBM times `usable_fraction`;
+* step time, a roofline that assumes compute and communication overlap fully:
+      compute_s = (model FLOPs + the policy's forward recompute) / devices / peak FLOP/s
+      comm_s    = sum over the collectives of the partitioned HLO of
+                  bytes x ring factor / bandwidth of the link the replica group spans
+      step_s    = max(compute_s, comm_s)          (also reported: compute_s + comm_s)
+  Ring factors: all-gather, reduce-scatter, all-to-all (n-1)/n; all-reduce 2(n-1)/n;
+  collective-permute 1. A group within one node (devices_per_node consecutive devices) uses the
+  intra-node bandwidth (NVLink, ICI), one that spans nodes the inter-node one (InfiniBand, DCN).
+  All-reduces that only feed slices are priced as the reduce-scatters GPUs and TPUs run.
+
+The recommendation is the fitting candidate with the smallest step_s (ties: smaller
+compute + comm, then less memory). docs/plan.md has the derivation and worked examples.
+
+GPU targets run attention as cuDNN's fused kernel, which the CPU compiler does not have; `plan`
+compiles those with a stand-in of the same memory footprint (it keeps q, k, v, the output and the
+log-sum-exp for the backward pass, never the [T, S] scores). On TPUs jaxscale uses XLA's attention,
+so TPU targets are compiled with it, [T, S] scores included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxscale import config as config_lib
+from jaxscale import hlo, metrics
+from jaxscale import sharding as shd
+from jaxscale.config import Config, ConfigError
+from jaxscale.errors import ShardingError
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    description: str  # what the numbers describe
+    peak_flops: float  # dense bf16 FLOP/s per device (metrics.PEAK_FLOPS)
+    hbm_bytes: float  # device memory
+    devices_per_node: int  # devices joined by the fast intra-node links
+    intra_bw: float  # bytes/s per device for one collective inside a node (NVLink / ICI)
+    inter_bw: float  # bytes/s per device for a collective that spans nodes (IB / DCN)
+    fused_attention: bool  # jaxscale runs a fused (flash) attention kernel there
+
+
+_P = metrics.PEAK_FLOPS
+# Bandwidths are per device and direction, as one collective over one mesh axis sees them:
+# NVLink 4 = 900 GB/s bidirectional per H100 (450 each way); one 400 Gb/s InfiniBand NIC per GPU
+# = 50 GB/s. A TPU ring over one torus axis uses 2 of the chip's ICI links: v5p 4.8 Tb/s over 6
+# links -> 200 GB/s; v5e 1.6 Tb/s over 4 -> 100 GB/s; v4 2.4 Tb/s over 6 -> 100 GB/s; v6e
+# 3.6 Tb/s over 4 -> 224 GB/s. A TPU slice is one ICI domain (devices_per_node = its size); slices
+# talk over the data-centre network at ~25 GB/s per chip.
+TARGETS: dict[str, Target] = {
+    "h100": Target("NVIDIA H100 SXM 80GB, 8 per node on NVLink 4, 400G InfiniBand per GPU",
+                   _P["H100"], 80e9, 8, 450e9, 50e9, True),
+    "h200": Target("NVIDIA H200 141GB, 8 per node on NVLink 4, 400G InfiniBand per GPU",
+                   _P["H200"], 141e9, 8, 450e9, 50e9, True),
+    "a100": Target("NVIDIA A100 SXM 80GB, 8 per node on NVLink 3, 200G InfiniBand per GPU",
+                   _P["A100"], 80e9, 8, 300e9, 25e9, True),
+    "tpu-v4": Target("TPU v4 chip (32 GB), 3D-torus ICI", _P["TPU v4"], 32e9, 4096, 100e9, 25e9,
+                     False),
+    "tpu-v5e": Target("TPU v5e chip (16 GB), 2D-torus ICI", _P["TPU v5e"], 16e9, 256, 100e9,
+                      25e9, False),
+    "tpu-v5p": Target("TPU v5p chip (95 GB), 3D-torus ICI", _P["TPU v5p"], 95e9, 8960, 200e9,
+                      25e9, False),
+    "tpu-v6e": Target("TPU v6e chip (32 GB), 2D-torus ICI", _P["TPU v6e"], 32e9, 256, 224e9,
+                      25e9, False),
+}
+
+# Remat policies tried by default, least memory first: a policy that does not fit stops the
+# ones after it (they keep more). offload_dots is left out: the CPU compiler that plans cannot
+# place buffers in the target's pinned host memory, so its memory would be misreported.
+DEFAULT_REMATS = ("full", "minimal", "none")
+_RING = {"all-gather": "n-1/n", "reduce-scatter": "n-1/n", "all-to-all": "n-1/n",
+         "all-reduce": "2(n-1)/n", "collective-permute": "1"}
+
+# Forward pieces each policy recomputes in the backward pass (per layer). Pieces: qkv
+# projections, attn (the two attention matmuls), out projection, mlp_in (up/gate), mlp_out.
+RECOMPUTE: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "save_dots": (),
+    "full": ("qkv", "attn", "out", "mlp_in"),  # mlp_out's result is the next layer's saved input
+    "minimal": ("attn",),  # dots with batch dims: the attention matmuls
+    "save_qkv_proj": ("attn", "out", "mlp_in"),
+    "save_attn_out": ("qkv", "attn", "out", "mlp_in"),
+    "save_mlp": ("qkv", "attn", "out"),
+    "offload_dots": ("attn",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    strategy: str  # dp | fsdp | hsdp | fsdp_tp
+    mesh: tuple[tuple[str, int], ...]  # mesh axis sizes that are not 1
+    rules: str  # sharding rule preset
+    remat: str  # remat policy
+
+    @property
+    def overrides(self) -> list[str]:
+        sizes = dict(self.mesh)
+        return [f"mesh.{a}={sizes.get(a, 1)}" for a in ("data", "fsdp", "tensor")] + [
+            f"sharding.rules={self.rules}", f"model.remat={self.remat}"]
+
+    @property
+    def label(self) -> str:
+        return " x ".join(f"{a}={n}" for a, n in self.mesh)
+
+
+@dataclasses.dataclass
+class Estimate:
+    candidate: Candidate
+    status: str  # "fits", "does not fit", or why it was not compiled
+    state_bytes: int = 0  # params + optimizer state per device (sharding report)
+    temp_bytes: int = 0  # activations/temporaries per device (XLA)
+    peak_bytes: int = 0  # per device (XLA)
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    collective_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    compile_s: float = 0.0
+
+    @property
+    def fits(self) -> bool:
+        return self.status == "fits"
+
+    @property
+    def step_s(self) -> float:
+        return max(self.compute_s, self.comm_s)
+
+    model_s: float = 0.0  # the model FLOPs alone at peak (no recompute)
+
+    @property
+    def mfu_bound(self) -> float:
+        """model_s / step_s: the MFU this estimate implies if compute ran at peak."""
+        return 0.0 if not self.step_s else self.model_s / self.step_s
+
+
+@dataclasses.dataclass
+class Plan:
+    cfg: Config
+    num_devices: int
+    target_name: str
+    target: Target
+    hbm_bytes: float
+    usable_fraction: float
+    estimates: list[Estimate]
+
+    @property
+    def best(self) -> Estimate | None:
+        fitting = [e for e in self.estimates if e.fits]
+        if not fitting:
+            return None
+        return min(fitting, key=lambda e: (round(e.step_s, 6), e.compute_s + e.comm_s,
+                                           e.peak_bytes))
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10,
+          "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> float:
+    """'80GB' -> 80e9, '74.5GiB' -> 74.5 * 2**30, '1024' -> 1024.0.
+
+    Raises:
+      ConfigError: not a number with one of the units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB.
+    """
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--device-memory {text!r} is not a size; write e.g. 80GB or 74.5GiB")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def candidates(cfg: Config, num_devices: int, target: Target,
+               remats: Sequence[str] = DEFAULT_REMATS) -> list[Candidate]:
+    """Mesh layouts of `num_devices` worth trying, times the remat policies.
+
+    dp (data=N); fsdp (fsdp=N); hsdp (fsdp over one or two nodes, data across them);
+    fsdp_tp (tensor = 2, 4, 8 within a node when the heads, kv heads and MLP width divide, fsdp
+    the rest). Sequence parallelism is not proposed: the attention stand-in does not model its
+    communication.
+    """
+    m = cfg.model
+    kv = m.num_kv_heads or m.num_heads
+    meshes: list[tuple[str, tuple[tuple[str, int], ...], str]] = [
+        ("dp", (("data", num_devices),), "dp"),
+        ("fsdp", (("fsdp", num_devices),), "fsdp"),
+    ]
+    node = min(target.devices_per_node, num_devices)
+    for fsdp in (node, 2 * node):
+        if fsdp < num_devices and num_devices % fsdp == 0:
+            meshes.append(("hsdp", (("data", num_devices // fsdp), ("fsdp", fsdp)), "hsdp"))
+    for tensor in (2, 4, 8):
+        if (tensor <= node and num_devices % tensor == 0 and num_devices > tensor
+                and m.num_heads % tensor == 0 and kv % tensor == 0 and m.d_ff % tensor == 0
+                and m.vocab_size % tensor == 0):
+            meshes.append(("fsdp_tp", (("fsdp", num_devices // tensor), ("tensor", tensor)),
+                           "fsdp_tp"))
+    return [Candidate(s, mesh, rules, r) for s, mesh, rules in meshes for r in remats]
+
+
+def compute_seconds(cfg: Config, remat: str, num_devices: int, target: Target) -> tuple[float,
+                                                                                          float]:
+    """(seconds of compute per step at peak incl. recompute, seconds of the model FLOPs alone)."""
+    m = cfg.model
+    L, D, F, T = m.num_layers, m.d_model, m.d_ff, cfg.seq_len
+    N = m.num_heads
+    K = m.num_kv_heads or N
+    H = m.head_dim or D // N
+    flops = metrics.flops_per_token(m, T)
+    attn_fwd = 2 * T * N * H * (1 if target.fused_attention else 2)  # causal kernel vs full scores
+    per_token = flops.causal_per_token if target.fused_attention else flops.noncausal_per_token
+    pieces = {"qkv": 2 * D * (N + 2 * K) * H, "attn": attn_fwd, "out": 2 * N * H * D,
+              "mlp_in": 2 * (2 if m.mlp == "swiglu" else 1) * D * F, "mlp_out": 2 * D * F}
+    recompute = L * sum(pieces[p] for p in RECOMPUTE.get(remat, ()))
+    tokens = cfg.batch_size * cfg.seq_len
+    model_s = tokens * flops.causal_per_token / num_devices / target.peak_flops
+    return tokens * (per_token + recompute) / num_devices / target.peak_flops, model_s
+
+
+def comm_seconds(collectives: Sequence[hlo.Collective], target: Target) -> tuple[float, dict]:
+    """Seconds per step of the collectives (see the module docstring) and bytes per kind."""
+    total, by_kind = 0.0, {k: 0 for k in hlo.KINDS}
+    for c in collectives:
+        spans = any(len({d // target.devices_per_node for d in g}) > 1 for g in c.groups)
+        bw = target.inter_bw if spans else target.intra_bw
+        n = max(c.group_size, 1)
+        ring = (n - 1) / n
+        factors = {"all-gather": ring, "reduce-scatter": ring, "all-to-all": ring,
+                   "all-reduce": 2 * ring, "collective-permute": 1.0}
+        whole = c.bytes - c.sliced_bytes
+        seconds = (whole * factors[c.kind] + c.sliced_bytes * ring) / bw
+        total += seconds * c.trips
+        by_kind[c.kind] += c.bytes * c.trips
+    return total, by_kind
+
+
+def _standin_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, implementation):
+    """Same shapes, shardings and saved residuals as a flash kernel, no [T, S] scores.
+
+    Only ever compiled (by `plan`), never run: its values are meaningless.
+    """
+    del segment_ids_BT, implementation
+    group = q_BTNH.shape[2] // k_BSKH.shape[2]
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+        return _fwd(q, k, v)[0]
+
+    def _fwd(q, k, v):
+        out = q * jnp.repeat(v + k, group, axis=2)
+        lse = jnp.sum(q.astype(jnp.float32), axis=-1)  # [B, T, N]: what the kernel keeps
+        return out, (q, k, v, out, lse)
+
+    def _bwd(res, g):
+        q, k, v, out, lse = res
+        g = g * out + lse[..., None].astype(g.dtype)
+        B, T, N, H = g.shape
+        g_BTKH = jnp.sum(g.reshape(B, T, N // group, group, H), axis=3)
+        return g * q, g_BTKH * k, g_BTKH * v
+
+    attend.defvjp(_fwd, _bwd)
+    return attend(q_BTNH, k_BSKH, v_BSKH)
+
+
+@contextlib.contextmanager
+def _attention(fused: bool) -> Iterator[None]:
+    """Compile jaxscale's decoder with the flash stand-in while in the block (when `fused`)."""
+    from jaxscale.models import decoder
+
+    if not fused:
+        yield
+        return
+    original = decoder.attention
+    decoder.attention = _standin_attention
+    try:
+        yield
+    finally:
+        decoder.attention = original
+
+
+def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
+             limit_bytes: float) -> Estimate:
+    """Compile one candidate abstractly and estimate its memory and step time."""
+    from jaxscale.inspection import compile_step
+    from jaxscale.mesh import make_mesh
+    from jaxscale.state import abstract_state
+
+    try:
+        c_cfg = config_lib.load_tree(config_lib.to_dict(cfg), cand.overrides)
+    except ConfigError as e:
+        return Estimate(cand, f"invalid: {e}")
+    devices = jax.devices()[:num_devices]
+    mesh = make_mesh(c_cfg.mesh, devices=devices)
+    rules = shd.resolve_rules(c_cfg.sharding.rules)
+    # Parameters + optimizer state from the shardings alone: no compile needed to reject.
+    from jaxscale.models import build_model
+    from jaxscale.optim import make_optimizer
+
+    try:
+        abstract = abstract_state(build_model(c_cfg.model), make_optimizer(c_cfg.optim, 10),
+                                  c_cfg.seq_len, c_cfg.seed)
+        rows = shd.sharding_report(abstract, mesh, rules)
+    except ShardingError as e:
+        return Estimate(cand, f"invalid: {e}")
+    state = sum(r.bytes_per_device for r in rows)
+    est = Estimate(cand, "", state_bytes=state)
+    if 3 * state > limit_bytes * 2:  # state, its update and f32 gradients cannot fit
+        est.status = f"does not fit (state alone {shd.format_bytes(state)})"
+        return est
+    try:
+        with _attention(target.fused_attention):
+            compiled = compile_step(c_cfg, mesh)
+    except (ConfigError, ShardingError) as e:
+        est.status = f"invalid: {e}"
+        return est
+    stats = metrics.compiled_stats(compiled.compiled)
+    est.temp_bytes, est.peak_bytes, est.compile_s = stats.temp_bytes, stats.peak_bytes, \
+        compiled.compile_s
+    est.status = "fits" if stats.peak_bytes <= limit_bytes else "does not fit"
+    est.compute_s, est.model_s = compute_seconds(c_cfg, cand.remat, num_devices, target)
+    collectives = hlo.collectives(compiled.compiled.as_text(), num_devices)
+    est.comm_s, est.collective_bytes = comm_seconds(collectives, target)
+    return est
+
+
+def plan(cfg: Config, num_devices: int, target: str = "h100", *, device_memory: float | None = None,
+         remats: Sequence[str] = DEFAULT_REMATS, usable_fraction: float = 0.9,
+         log=None) -> Plan:
+    """Evaluate every candidate for `num_devices` devices of `target` (see the module docstring).
+
+    Needs `num_devices` jax devices (the CLI simulates them on the CPU before jax starts).
+    """
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r} is not known; choose one of: {', '.join(TARGETS)}")
+    if len(jax.devices()) < num_devices:
+        raise ConfigError(f"--devices {num_devices}: only {len(jax.devices())} devices are "
+                          "visible (the CLI simulates them: jaxscale plan --devices N)")
+    t = TARGETS[target]
+    hbm = device_memory or t.hbm_bytes
+    limit = hbm * usable_fraction
+    out = []
+    for strategy_group in _group(candidates(cfg, num_devices, t, remats)):
+        blocked = None
+        for cand in strategy_group:
+            if blocked is not None:
+                out.append(Estimate(cand, f"does not fit (keeps more than {blocked}, which does "
+                                          "not)", state_bytes=out[-1].state_bytes))
+                continue
+            est = evaluate(cfg, cand, num_devices, t, limit)
+            out.append(est)
+            if log is not None:
+                log(format_row(est))
+            if not est.fits:
+                blocked = cand.remat
+    return Plan(cfg, num_devices, target, t, hbm, usable_fraction, out)
+
+
+def _group(cands: list[Candidate]) -> list[list[Candidate]]:
+    groups: dict[tuple, list[Candidate]] = {}
+    for c in cands:
+        groups.setdefault((c.strategy, c.mesh), []).append(c)
+    return list(groups.values())
+
+
+def format_row(e: Estimate) -> str:
+    fb = shd.format_bytes
+    c = e.candidate
+    head = f"{c.strategy:<8} {c.label:<22} {c.remat:<8}"
+    if not e.compute_s:
+        return f"{head} {e.status}"
+    return (f"{head} {'fits' if e.fits else 'NO FIT':<6} {fb(e.state_bytes):>11} "
+            f"{fb(e.temp_bytes):>11} {fb(e.peak_bytes):>11} {_ms(e.compute_s):>9} "
+            f"{_ms(e.comm_s):>9} {_ms(e.step_s):>9} {100 * e.mfu_bound:>5.1f}%")
+
+
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}"
+
+
+def format_plan(p: Plan) -> str:
+    """The candidates as a table, and the recommendation."""
+    cfg = p.cfg
+    tokens = cfg.batch_size * cfg.seq_len
+    lines = [
+        f"plan: {cfg.model.num_layers} layers x d_model {cfg.model.d_model}, batch "
+        f"{cfg.batch_size} x {cfg.seq_len} tokens on {p.num_devices} x {p.target_name} "
+        f"({p.target.description}); memory limit {shd.format_bytes(p.hbm_bytes)} x "
+        f"{p.usable_fraction:.2f}; peak {p.target.peak_flops / 1e12:.0f} TFLOP/s, links "
+        f"{p.target.intra_bw / 1e9:.0f} GB/s in a node of {p.target.devices_per_node}, "
+        f"{p.target.inter_bw / 1e9:.0f} GB/s across",
+        f"{'strategy':<8} {'mesh':<22} {'remat':<8} {'memory':<6} {'state/dev':>11} "
+        f"{'temps/dev':>11} {'peak/dev':>11} {'compute':>9} {'comm':>9} {'step':>9} "
+        f"{'MFU':>6}",
+        f"{'':<40}{'':<6} {'':>11} {'':>11} {'':>11} {'(ms)':>9} {'(ms)':>9} {'(ms)':>9}",
+    ]
+    lines += [format_row(e) for e in p.estimates]
+    best = p.best
+    if best is None:
+        lines.append("recommendation: nothing fits; add devices, lower batch_size or seq_len")
+    else:
+        c = best.candidate
+        lines.append(
+            f"recommendation: {c.strategy} {c.label}, remat={c.remat}: about "
+            f"{_ms(best.step_s)} ms per step ({tokens / best.step_s:,.0f} tokens/s at "
+            f"{100 * best.mfu_bound:.0f}% MFU if compute ran at peak; real steps reach ~40-55% "
+            f"of it), {shd.format_bytes(best.peak_bytes)} per device\n  jaxscale train "
+            f"--config ... {' '.join(c.overrides)}")
+    return "\n".join(lines)

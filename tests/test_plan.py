@@ -1,0 +1,154 @@
+"""`jaxscale plan`: candidate meshes, the step-time model, the memory check against the analytic
+count of parameters and optimizer state, the recommendation, and the command line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxscale import config as config_lib
+from jaxscale import hlo
+from jaxscale import plan as plan_lib
+from jaxscale.errors import ConfigError
+
+SMALL = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2",
+         "model.d_ff=128", "seq_len=16", "batch_size=16"]
+
+
+def _cfg(*overrides):
+    return config_lib.load("tiny", [*SMALL, *overrides])
+
+
+def test_candidates_respect_divisibility():
+    h100 = plan_lib.TARGETS["h100"]
+    got = {(c.strategy, c.label) for c in plan_lib.candidates(_cfg(), 8, h100, ("full",))}
+    # kv heads = 2 limits tensor parallelism to 2; one node of 8 leaves no room for hsdp
+    assert got == {("dp", "data=8"), ("fsdp", "fsdp=8"), ("fsdp_tp", "fsdp=4 x tensor=2")}
+    on_4_nodes = {(c.strategy, c.label) for c in
+                  plan_lib.candidates(config_lib.load("llama-8b"), 32, h100, ("full",))}
+    assert ("hsdp", "data=4 x fsdp=8") in on_4_nodes and ("hsdp", "data=2 x fsdp=16") in on_4_nodes
+    assert ("fsdp_tp", "fsdp=4 x tensor=8") in on_4_nodes
+
+
+def test_comm_model_ring_factors_links_and_sliced_all_reduce():
+    t = plan_lib.Target("t", 1e12, 1e9, devices_per_node=4, intra_bw=100.0, inter_bw=10.0,
+                        fused_attention=True)
+    inside = ((0, 1, 2, 3),)
+    across = ((0, 4),)
+    cases = [
+        (hlo.Collective("all-gather", "a", 400, 4, inside), 400 * 3 / 4 / 100),
+        (hlo.Collective("all-reduce", "b", 400, 4, inside), 2 * 400 * 3 / 4 / 100),
+        (hlo.Collective("all-reduce", "c", 400, 4, inside, sliced_bytes=400), 400 * 3 / 4 / 100),
+        (hlo.Collective("reduce-scatter", "d", 200, 2, across), 200 / 2 / 10),
+        (hlo.Collective("collective-permute", "e", 50, 2, across, trips=3), 3 * 50 / 10),
+    ]
+    for c, expected in cases:
+        assert plan_lib.comm_seconds([c], t)[0] == pytest.approx(expected), c.name
+    total, by_kind = plan_lib.comm_seconds([c for c, _ in cases], t)
+    assert total == pytest.approx(sum(e for _, e in cases))
+    assert by_kind["all-reduce"] == 800 and by_kind["collective-permute"] == 150
+
+
+def test_compute_model_counts_the_recompute():
+    cfg = config_lib.load("llama-8b")
+    t = plan_lib.TARGETS["h100"]
+    none, model_s = plan_lib.compute_seconds(cfg, "none", 64, t)
+    minimal, _ = plan_lib.compute_seconds(cfg, "minimal", 64, t)
+    full, _ = plan_lib.compute_seconds(cfg, "full", 64, t)
+    assert none == pytest.approx(model_s)
+    assert model_s < minimal < full < 4 / 3 * model_s
+    # 256 x 8192 tokens x 51.47 GFLOP/token over 64 x 989 TFLOP/s
+    assert model_s == pytest.approx(256 * 8192 * 51_470_401_536 / 64 / 989e12)
+
+
+@pytest.mark.parametrize("text, value", [("80GB", 80e9), ("74.5GiB", 74.5 * 2**30),
+                                         ("1024", 1024.0), ("16 MiB", 16 * 2**20)])
+def test_parse_bytes(text, value):
+    assert plan_lib.parse_bytes(text) == value
+
+
+def test_parse_bytes_rejects_nonsense():
+    with pytest.raises(ConfigError, match="--device-memory '80 apples' is not a size"):
+        plan_lib.parse_bytes("80 apples")
+
+
+@pytest.fixture(scope="module")
+def small_plan():
+    # 1.5 MiB per device: the replicated (dp) state and its update do not fit, sharded ones do
+    return plan_lib.plan(_cfg(), 8, "h100", device_memory=1.5 * 2**20, remats=("full",),
+                         usable_fraction=1.0)
+
+
+def test_plan_state_memory_matches_the_analytic_count(small_plan):
+    """params x (4 bytes + 8 bytes of AdamW moments) / 8 shards + the replicated rest, within 5%."""
+    m = _cfg().model
+    D, F, V, L = m.d_model, m.d_ff, m.vocab_size, m.num_layers
+    H = D // m.num_heads
+    kernels = L * (D * m.num_heads * H * 2 + D * m.num_kv_heads * H * 2 + 3 * D * F) + 2 * V * D
+    norms = L * 2 * D + D
+    per_param = 4 + 8  # float32 master weight + AdamW's two float32 moments
+    analytic = kernels * per_param / 8 + norms * per_param
+    for est in small_plan.estimates:
+        if est.candidate.strategy in ("fsdp", "fsdp_tp"):
+            assert est.state_bytes == pytest.approx(analytic, rel=0.05), est.candidate
+    dp = next(e for e in small_plan.estimates if e.candidate.strategy == "dp")
+    assert dp.state_bytes == pytest.approx((kernels + norms) * per_param, rel=0.05)
+
+
+def test_plan_fits_and_recommends(small_plan):
+    by = {e.candidate.strategy: e for e in small_plan.estimates}
+    assert not by["dp"].fits and by["fsdp"].fits
+    # XLA's peak covers the state (argument + output aliased) and the activations
+    assert by["fsdp"].peak_bytes >= by["fsdp"].state_bytes + by["fsdp"].temp_bytes
+    assert by["fsdp"].compute_s > 0 and by["fsdp"].comm_s > 0
+    best = small_plan.best
+    assert best is not None and best.fits
+    assert best.step_s == min(e.step_s for e in small_plan.estimates if e.fits)
+    text = plan_lib.format_plan(small_plan)
+    assert "recommendation: " + best.candidate.strategy in text
+    assert "sharding.rules=" in text and "does not fit" in text
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_PLATFORMS", None)
+    return env
+
+
+def test_plan_command_simulates_the_devices(tmp_path):
+    """A fresh process: `--devices 16` makes 16 CPU devices before jax starts. (One kv head
+    rules tensor parallelism out: two candidates, dp and fsdp, keep the test short.)"""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxscale.cli", "plan", "--config", "tiny", "--devices", "16",
+         "--target", "tpu-v5e", "--device-memory", "1GB", "--remat", "full", *SMALL,
+         "model.num_kv_heads=1"],
+        capture_output=True, text=True, env=_env(), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "on 16 x tpu-v5e" in out and "fsdp=16" in out and "data=16" in out
+    assert "recommendation:" in out
+
+
+@pytest.mark.slow
+def test_llama_8b_on_64_h100s_plans_within_minutes():
+    """The docs' example: llama-8b on 64 H100s; FSDP fits with full remat, data parallelism
+    (90 GB of state per device) does not."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxscale.cli", "plan", "--config", "llama-8b", "--devices", "64",
+         "--target", "h100"],
+        capture_output=True, text=True, env=_env(), timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    dp = next(line for line in lines if line.startswith("dp ") and " full " in line)
+    assert "does not fit (state alone 89.75 GiB)" in dp
+    fsdp = next(line for line in lines if line.startswith("fsdp ") and " full " in line)
+    assert " fits " in fsdp and "1.41 GiB" in fsdp  # 8.03B x 12 bytes / 64
+    assert "recommendation:" in proc.stdout
+    assert math.isclose(8.03e9 * 12 / 64 / 2**30, 1.41, rel_tol=0.01)
+    json.dumps(lines)  # the output is plain text lines
