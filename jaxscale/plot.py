@@ -31,15 +31,15 @@ def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     fig, (ax_loss, ax_speed) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     if train:
-        ax_loss.plot(*zip(*train), label="train loss")
+        ax_loss.plot(*zip(*train, strict=True), label="train loss")
     if evals:
-        ax_loss.plot(*zip(*evals), "o-", label="eval loss")
+        ax_loss.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
     ax_loss.set_title(workdir.name)
     if speed:
-        ax_speed.plot(*zip(*speed), color="tab:green")
+        ax_speed.plot(*zip(*speed, strict=True), color="tab:green")
     ax_speed.set_ylabel("tokens/s")
     ax_speed.set_xlabel("step")
     ax_speed.grid(alpha=0.3)

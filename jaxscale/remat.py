@@ -72,6 +72,7 @@ def get_policy(name: str) -> Callable[..., Any] | None:
         if kind not in kinds:
             raise ConfigError(
                 f"model.remat={name!r} offloads to {kind!r} memory, which the {device.platform} "
-                f"backend does not offer (it has: {', '.join(sorted(kinds))}); use 'minimal' instead"
+                f"backend does not offer (it has: {', '.join(sorted(kinds))}); use 'minimal' "
+                "instead"
             )
     return POLICIES[name]

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.errors import ConfigError, ShardingError
 
-MeshAxes = Union[str, tuple[str, ...], None]
+MeshAxes = Union[str, tuple[str, ...], None]  # noqa: UP007 (a runtime alias on 3.10)
 LogicalRules = tuple[tuple[str, MeshAxes], ...]
 
 # Mesh axes that carry the batch (data parallelism in its two flavours).
@@ -155,7 +155,7 @@ def logical_to_spec(
 def _check_divisible(
     shape: Sequence[int], spec: PartitionSpec, logical: Sequence[str | None], mesh: Mesh, what: str
 ) -> None:
-    for dim, (size, target) in enumerate(zip(shape, spec)):
+    for dim, (size, target) in enumerate(zip(shape, spec, strict=True)):
         axes = axes_of(target)
         parts = math.prod(mesh.shape[a] for a in axes)
         if size % parts:
@@ -169,7 +169,7 @@ def named_sharding(
     mesh: Mesh, logical_axes: Sequence[str | None], rules: LogicalRules, shape: Sequence[int],
     *, what: str = "array",
 ) -> NamedSharding:
-    """The NamedSharding of an array of `shape` with these logical axes, checked for divisibility."""
+    """The NamedSharding of an array of `shape` with these logical axes (checked to divide)."""
     if len(logical_axes) != len(shape):
         raise ShardingError(
             f"{what} of shape {tuple(shape)} is annotated with {len(logical_axes)} logical axes "
@@ -321,7 +321,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: LogicalRules) -> Any
     logical = jax.tree_util.tree_leaves(logical_axes_of(abstract_state))
     leaves, treedef = _unboxed_leaves(abstract_state)
     out = []
-    for (path, leaf), names in zip(leaves, logical):
+    for (path, leaf), names in zip(leaves, logical, strict=True):
         what = f"parameter {path_str(path)!r}" if any(names) else f"state leaf {path_str(path)!r}"
         out.append(named_sharding(mesh, names, rules, leaf.shape, what=what))
     _check_mesh_used(mesh, rules, out)
@@ -371,7 +371,7 @@ def sharding_report(abstract_state: Any, mesh: Mesh, rules: LogicalRules) -> lis
     logical = jax.tree_util.tree_leaves(logical_axes_of(abstract_state))
     leaves, _ = _unboxed_leaves(abstract_state)
     rows = []
-    for (path, leaf), names, sharding in zip(leaves, logical, shardings):
+    for (path, leaf), names, sharding in zip(leaves, logical, shardings, strict=True):
         rows.append(ReportRow(
             path=path_str(path), shape=tuple(leaf.shape), dtype=str(np.dtype(leaf.dtype)),
             logical=names, spec=sharding.spec,
@@ -399,7 +399,8 @@ def format_report(rows: Sequence[ReportRow]) -> str:
         for r in rows
     ]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *body]]
     total = sum(r.bytes_per_device for r in rows)
     whole = sum(r.total_bytes for r in rows)
     lines.append(f"total: {format_bytes(total)} per device ({format_bytes(whole)} unsharded)")

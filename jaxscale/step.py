@@ -198,7 +198,9 @@ def make_train_step(
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             finite = jnp.isfinite(out.objective) & jnp.isfinite(grad_norm)
-            keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
+            keep = functools.partial(
+                jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old)
+            )
             new_state = state.replace(
                 step=state.step + 1,
                 params=keep(params, state.params),

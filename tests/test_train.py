@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from jaxscale import cli
 from jaxscale import config as config_lib
@@ -66,7 +67,7 @@ def test_tensorboard_plot_summary_and_config_written(run):
     assert summary["final_loss"] == records[-1]["loss"]
     assert summary["final_eval_loss"] == records[-1]["eval_loss"]
     assert summary["peak_bytes_per_device"] > 0
-    saved = config_lib.from_dict(__import__("yaml").safe_load((workdir / "config.yaml").read_text()))
+    saved = config_lib.from_dict(yaml.safe_load((workdir / "config.yaml").read_text()))
     assert saved.steps == 6 and saved.model.d_model == 32
 
 
