@@ -313,9 +313,11 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
     except ShardingError as e:
         return Estimate(cand, f"invalid: {e}")
     state = sum(r.bytes_per_device for r in rows)
+    grads = sum(r.bytes_per_device for r in rows if r.path.startswith("params/"))
     est = Estimate(cand, "", state_bytes=state)
-    if 3 * state > limit_bytes * 2:  # state, its update and f32 gradients cannot fit
-        est.status = f"does not fit (state alone {shd.format_bytes(state)})"
+    if state + grads > limit_bytes:  # the state and one gradient per parameter, at the least
+        est.status = (f"does not fit (state {shd.format_bytes(state)} + gradients "
+                      f"{shd.format_bytes(grads)} per device)")
         return est
     try:
         with _attention(target.fused_attention):
