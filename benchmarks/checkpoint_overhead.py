@@ -1,0 +1,165 @@
+"""What a checkpoint save costs the training loop, async (orbax background writes) vs synchronous.
+
+The tiny preset's model, optimizer, mesh and rules (8 simulated CPU devices by default), trained
+on random tokens (the data pipeline is not what is measured). Segments of `--every` steps run in
+three kinds, alternating (none, async, sync, none, async, sync, ...):
+
+* none:  `every` steps;
+* async: a save with checkpoint.async_save=true, then `every` steps while it is written;
+* sync:  a save with checkpoint.async_save=false, then `every` steps.
+
+Every step is timed on its own (blocking on its outputs, the same in all three kinds). A save's
+cost is the time of the save call, plus, for async, what the steps that ran while the background
+write was in flight took beyond the median step of the `none` segments, plus any wait left for the
+write at the end of the segment (it would be paid at the next save). Summing only the steps that
+overlap the write keeps the estimate out of the noise of whole segments on a shared machine;
+whole-segment medians are printed beside it as a cross-check.
+
+    python benchmarks/checkpoint_overhead.py                   # tiny, every=50, 3 rounds
+    python benchmarks/checkpoint_overhead.py --every 20 --rounds 5
+
+The cost is reported per save, in steps, and as a fraction of the training time between two
+saves (`every` x the median step). The last line is ``ratio: X`` with X = async cost / sync cost
+per save; the bar is an async cost under 5% of training time at every=50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="tiny", help="preset or YAML file (default: tiny)")
+    p.add_argument("--every", type=int, default=50, help="steps between saves")
+    p.add_argument("--rounds", type=int, default=3, help="segments of each kind (>= 2)")
+    p.add_argument("--cpu-devices", type=int, default=8,
+                   help="simulated CPU devices (set before jax starts); 0 = leave them alone")
+    p.add_argument("--dir", default=None, help="where to write checkpoints (default: a temp dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = p.parse_args(argv)
+    if args.rounds < 2:
+        p.error("--rounds must be at least 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = parse_args(argv)
+    from jaxscale.cli import set_cpu_devices
+
+    set_cpu_devices(args.cpu_devices or None)
+
+    import jax
+    import numpy as np
+
+    from jaxscale import config as config_lib
+    from jaxscale import sharding as shd
+    from jaxscale.checkpoint import Checkpointer
+    from jaxscale.mesh import make_mesh
+    from jaxscale.models import build_model
+    from jaxscale.optim import make_optimizer, make_schedule
+    from jaxscale.state import abstract_state, init_state
+    from jaxscale.step import jit_step, make_train_step
+
+    root = args.dir or tempfile.mkdtemp(prefix="jaxscale-ckpt-bench-")
+    cfg = config_lib.load(args.config, [*args.overrides, f"workdir={root}", "progress=false"])
+    mesh = make_mesh(cfg.mesh)
+    rules = shd.resolve_rules(cfg.sharding.rules)
+    model = build_model(cfg.model)
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    state, shardings = init_state(model, tx, mesh, rules, seq_len=cfg.seq_len, seed=cfg.seed)
+    step_fn = jit_step(
+        make_train_step(model, tx, learning_rate_fn=make_schedule(cfg.optim, cfg.steps),
+                        mesh=mesh, rules=rules),
+        shardings, shd.batch_sharding(mesh, rules),
+    )
+    tokens = np.random.default_rng(0).integers(
+        0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+    batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
+                           shd.batch_sharding(mesh, rules))
+    rng = jax.random.key(cfg.seed)
+    abstract = abstract_state(model, tx, cfg.seq_len, cfg.seed)
+
+    def checkpointer(kind: str) -> Checkpointer:
+        c = config_lib.replace(cfg, **{
+            "checkpoint.dir": os.path.join(root, kind), "checkpoint.every": args.every,
+            "checkpoint.async_save": kind == "async", "checkpoint.keep": 2,
+        })
+        ckpt = Checkpointer(c, mesh, log=lambda message: None)
+        ckpt.restore_or_init(lambda: state, abstract, shardings, rng=rng)
+        return ckpt
+
+    savers = {"async": checkpointer("async"), "sync": checkpointer("sync")}
+    saved = [0]
+
+    def segment(kind: str, s):
+        """One segment: (state, its seconds, the save call's seconds, [(step seconds, writing)],
+        seconds waited for the write at the end)."""
+        start = time.perf_counter()
+        in_save = 0.0
+        ckpt = savers.get(kind)
+        if ckpt is not None:
+            saved[0] += args.every
+            ckpt.save(saved[0], s, {"step": saved[0]})
+            in_save = time.perf_counter() - start
+        steps = []
+        for _ in range(args.every):
+            writing = ckpt is not None and ckpt.saving()
+            t = time.perf_counter()
+            s, metrics = step_fn(s, batch, rng)
+            jax.block_until_ready((s, metrics))
+            steps.append((time.perf_counter() - t, writing))
+        t = time.perf_counter()
+        if ckpt is not None:
+            ckpt.wait()
+        waited = time.perf_counter() - t
+        return s, time.perf_counter() - start, in_save, steps, waited
+
+    compile_start = time.perf_counter()
+    state, _ = step_fn(state, batch, rng)
+    jax.block_until_ready(state)
+    print(f"{args.config}: {jax.device_count()} devices, mesh {dict(mesh.shape)}, batch "
+          f"{cfg.batch_size}x{cfg.seq_len}, {sum(x.size for x in jax.tree.leaves(state)) / 1e6:.2f}"
+          f"M numbers in the state; compiled in {time.perf_counter() - compile_start:.1f}s",
+          flush=True)
+    for kind in savers:  # the first save of each kind sets up directories and threads
+        state = segment(kind, state)[0]
+
+    results: dict[str, list] = {"none": [], "async": [], "sync": []}
+    for r in range(args.rounds):
+        for kind in results:
+            state, seconds, in_save, steps, waited = segment(kind, state)
+            results[kind].append((seconds, in_save, steps, waited))
+            overlapped = sum(w for _, w in steps)
+            print(f"round {r + 1} {kind:5s}: {seconds:7.2f}s"
+                  + (f"  save call {in_save * 1e3:5.0f} ms, write overlapped {overlapped} steps, "
+                     f"waited {waited * 1e3:.0f} ms at the end" if kind != "none" else ""),
+                  flush=True)
+    for saver in reversed(list(savers.values())):  # the signal handlers go back in order
+        saver.close()
+
+    step_time = statistics.median(t for _, _, steps, _ in results["none"] for t, _ in steps)
+    train_time = args.every * step_time
+    segments = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
+    print(f"median step {step_time * 1e3:.1f} ms; {args.every} steps between saves = "
+          f"{train_time:.2f}s of training")
+    cost = {}
+    for kind in ("async", "sync"):
+        per_save = [in_save + sum(t - step_time for t, w in steps if w) + waited
+                    for _, in_save, steps, waited in results[kind]]
+        cost[kind] = statistics.median(per_save)
+        print(f"{kind:5s}: {cost[kind] * 1e3:6.0f} ms per save = {cost[kind] / step_time:5.2f} "
+              f"steps = {100 * cost[kind] / train_time:5.2f}% of training time at every="
+              f"{args.every} (whole segments: {segments[kind] - segments['none']:+.2f}s)")
+    ratio = cost["async"] / cost["sync"]
+    print(f"ratio: {ratio:.3f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

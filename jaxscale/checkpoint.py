@@ -1,0 +1,358 @@
+"""Checkpoints with orbax: async saves, retention, resume, reshard-on-restore, clear errors.
+
+Each saved step is one orbax step directory holding four items:
+
+    <dir>/<step>/state/   the TrainState (orbax StandardSave: params, opt_state, extra, counters)
+    <dir>/<step>/data/    the data iterator's state (`DataIterator.get_state()`: the next step,
+                          the seed, the global batch, ...)
+    <dir>/<step>/rng/     the run's seed and base RNG key (implementation and raw key data)
+    <dir>/<step>/meta/    jaxscale and jax versions, mesh, jax_threefry_partitionable, step,
+                          and the resolved config
+
+`<dir>` is ``checkpoint.dir`` or ``<workdir>/checkpoints``. orbax writes every step into a
+temporary directory and renames it when all of it is written, so a step directory that exists is
+complete; the temporary directories a killed run leaves behind are removed when the next run
+starts. Restoring always passes the current mesh's shardings as targets, so a checkpoint restores
+onto any mesh and device count. See docs/checkpointing.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh
+
+import jaxscale
+from jaxscale import config as config_lib
+from jaxscale.config import Config
+from jaxscale.errors import CheckpointError, Preempted
+from jaxscale.preemption import StopWatch
+from jaxscale.restore_checks import check_resumable, check_tree, corrupt_error
+from jaxscale.sharding import path_str
+from jaxscale.state import TrainState, unbox
+
+_JSON_ITEMS = ("data", "rng", "meta")
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    """Where the run's checkpoints live: checkpoint.dir, or <workdir>/checkpoints."""
+    path = cfg.checkpoint.dir or os.path.join(cfg.workdir, "checkpoints")
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _registry() -> Any:
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state = ocp.StandardCheckpointHandler()
+    registry.add("state", ocp.args.StandardSave, state)
+    registry.add("state", ocp.args.StandardRestore, state)
+    registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
+    for name in _JSON_ITEMS:
+        handler = ocp.JsonCheckpointHandler()
+        registry.add(name, ocp.args.JsonSave, handler)
+        registry.add(name, ocp.args.JsonRestore, handler)
+    return registry
+
+
+def _manager(directory: str, options: dict[str, Any]) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(**options), handler_registry=_registry()
+    )
+
+
+def _policies(cfg: Config) -> dict[str, Any]:
+    """orbax save-decision and preservation policies for checkpoint.every/keep/keep_period."""
+    c, cm = cfg.checkpoint, ocp.checkpoint_managers
+    save = [cm.SpecificStepsPolicy(steps=(cfg.steps,))]  # the last step, always
+    if c.every:
+        save.append(cm.FixedIntervalPolicy(c.every))
+    keep = [cm.LatestN(c.keep)]
+    if c.keep_period:
+        keep.append(cm.EveryNSteps(c.keep_period))
+    return {
+        "save_decision_policy": cm.AnySavePolicy(save),
+        "preservation_policy": cm.AnyPreservationPolicy(keep),
+    }
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'path/to/leaf' -> shape for an abstract state or an orbax metadata tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p): tuple(x.shape) for p, x in leaves}
+
+
+class Resumed(NamedTuple):
+    state: TrainState  # restored onto the current mesh, or freshly initialised
+    rng: jax.Array  # the run's base RNG key
+    data_state: dict[str, Any] | None  # the data iterator's saved state; None when fresh
+
+
+class Checkpointer:
+    """Saves and restores a run's state with an orbax CheckpointManager.
+
+    Usage (see jaxscale/train.py)::
+
+        with Checkpointer(cfg, mesh) as ckpt:
+            state, rng, data_state = ckpt.restore_or_init(init, abstract, shardings, rng=rng)
+            batches = pipeline.iterator(int(state.step), state=data_state)
+            for step in ...:
+                ...
+                if ckpt.should_save(done):
+                    ckpt.save(done, state, batches.get_state())  # raises Preempted on a stop
+
+    Errors of a background save are raised as CheckpointError by the next `save`, `wait` or
+    `close`.
+    """
+
+    def __init__(self, cfg: Config, mesh: Mesh, *, watch: StopWatch | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.directory = checkpoint_dir(cfg)
+        self._manager = _manager(self.directory, dict(
+            enable_async_checkpointing=cfg.checkpoint.async_save,
+            cleanup_tmp_directories=True, create=True, **_policies(cfg),
+        ))
+        self.watch = watch or StopWatch()
+        self._log = log or (lambda m: print(m, flush=True) if jax.process_index() == 0 else None)
+        self._rng: dict[str, Any] | None = None
+        self._in_flight: int | None = None  # the last step handed to orbax, maybe still writing
+        self._stop_step: int | None = None
+        self._closed = False
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def restore_or_init(
+        self, init: Callable[[], TrainState], abstract: TrainState, shardings: Any, *,
+        rng: jax.Array, check_data: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> Resumed:
+        """The latest complete checkpoint (or checkpoint.restore_step), else `init()`.
+
+        Args:
+          init: builds a fresh state (called only when there is nothing to restore).
+          abstract: the state's shapes (`state.abstract_state`, boxed or not).
+          shardings: the state's shardings on the current mesh (`sharding.state_shardings`).
+          rng: the run's base RNG key, saved with every checkpoint.
+          check_data: raises if the saved data state cannot be continued (e.g. the data
+            pipeline's own check); called before any array is read.
+
+        Returns:
+          Resumed(state, rng, data_state): data_state is None for a fresh state. With
+          checkpoint.init_from and nothing to resume, the fresh state carries the parameters of
+          that checkpoint.
+        """
+        c = self.cfg.checkpoint
+        steps = sorted(self._manager.all_steps())
+        if c.restore_step >= 0 and c.restore_step not in steps:
+            raise CheckpointError(
+                f"checkpoint.restore_step={c.restore_step}: there is no complete checkpoint of "
+                f"that step in {self.directory}; "
+                + (f"complete steps: {steps}" if steps else "it holds no checkpoint")
+            )
+        data_state = None
+        if not steps:
+            params = load_params(c.init_from, abstract, shardings) if c.init_from else None
+            state = init()
+            if params is not None:
+                state = state.replace(params=params)
+                self._log(f"checkpoint: parameters from {c.init_from}")
+        else:
+            step = c.restore_step if c.restore_step >= 0 else steps[-1]
+            state, rng, data_state = self._restore(step, steps, abstract, shardings, check_data)
+            for later in (s for s in steps if s > step):
+                self._manager.delete(later)
+                self._log(f"checkpoint: deleted step {later} (the run continues from step {step})")
+            self._log(f"checkpoint: resumed from step {step} in {self.directory}")
+        self._rng = {"seed": self.cfg.seed, "impl": str(jax.random.key_impl(rng)),
+                     "key_data": np.asarray(jax.random.key_data(rng)).tolist()}
+        return Resumed(state, rng, data_state)
+
+    def _restore(self, step, steps, abstract, shardings, check_data):
+        where = f"checkpoint step {step} in {self.directory}"
+        read = lambda **items: _read(self._manager, step, steps, items)
+        saved = read(**{n: ocp.args.JsonRestore() for n in _JSON_ITEMS})
+        data = dict(saved["data"])
+        check_resumable(saved["meta"].get("config", {}), data, self.cfg, where)
+        if data.get("step") != step:
+            raise CheckpointError(f"{where} is inconsistent: its data position is step "
+                                  f"{data.get('step')}")
+        if check_data is not None:
+            check_data(data)
+        tree = _read_metadata(self._manager, step, steps)
+        check_tree(_shapes(tree), _shapes(unbox(abstract)), where)
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox(abstract),
+            shardings,
+        )
+        state = read(state=ocp.args.StandardRestore(target))["state"]
+        rng = saved["rng"]
+        key = jax.random.wrap_key_data(np.asarray(rng["key_data"], np.uint32), impl=rng["impl"])
+        return state, key, data
+
+    # -- save ----------------------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        """Whether to save after `step`: the interval, the last step, or an agreed stop.
+
+        Call it on every process after every step (the stop agreement is collective).
+        """
+        if self.watch.should_stop(step):
+            self._stop_step = step
+            return True
+        return self._manager.should_save(step)
+
+    def save(self, step: int, state: TrainState, data_state: Mapping[str, Any]) -> None:
+        """Start saving `state` as `step` (async by default); raises Preempted after a stop.
+
+        Args:
+          step: optimizer steps taken (state.step).
+          state: the TrainState after `step` steps.
+          data_state: the data iterator's `get_state()`: its next step must be `step`.
+        """
+        if data_state["step"] != step:
+            raise ValueError(f"saving step {step} with the data iterator at step "
+                             f"{data_state['step']}; save right after the step, before the next "
+                             "batch is taken")
+        self.wait()
+        meta = {
+            "jaxscale_version": jaxscale.__version__, "step": step,
+            "mesh": dict(self.mesh.shape), "num_devices": int(self.mesh.size),
+            "num_processes": jax.process_count(), "jax_version": jax.__version__,
+            "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+            "config": config_lib.to_dict(self.cfg),
+        }
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state)),
+            rng=ocp.args.JsonSave(self._rng or {"seed": self.cfg.seed}),
+            meta=ocp.args.JsonSave(meta),
+        )
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise self._save_error(step, e) from e
+        self._in_flight = step
+        if step == self._stop_step and step < self.cfg.steps:  # (at the last step: just finish)
+            self.wait()
+            raise Preempted(
+                f"stopped on {self.watch.signal_name} after step {step}; checkpoint saved in "
+                f"{self.directory}. Run the same command again to resume"
+            )
+
+    def wait(self) -> None:
+        """Block until the save in flight has committed; raise CheckpointError if it failed."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:
+            raise self._save_error(step, e) from e
+        if step is None or jax.process_index() != 0:
+            return
+        if not (epath.Path(self.directory) / str(step)).exists():
+            raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: "
+                                  "the step directory was never committed")
+
+    def saving(self) -> bool:
+        """Whether a save is still being written in the background."""
+        return self._in_flight is not None and self._manager.is_saving_in_progress()
+
+    def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        return CheckpointError(
+            f"saving {what} to {self.directory} failed: {type(e).__name__}: {reason[:500]}"
+        )
+
+    def close(self) -> None:
+        """Wait for the save in flight, release orbax's resources and the signal handlers."""
+        if self._closed:
+            return
+        self._closed = True
+        self.watch.close()
+        error = None
+        try:
+            self.wait()
+        except CheckpointError as e:
+            error = e
+        try:
+            self._manager.close()
+        except Exception as e:
+            error = error or self._save_error(None, e)
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # keep the error that is already propagating; report a failed save beside it
+            self.close()
+        except CheckpointError as e:
+            self._log(f"checkpoint: {e}")
+
+
+def _read_metadata(manager: ocp.CheckpointManager, step: int, steps) -> Any:
+    """The saved state's tree of array metadata (shapes, dtypes), read before any array."""
+    try:
+        return manager.item_metadata(step)["state"]
+    except Exception as e:  # any failure to read it means a damaged step
+        raise corrupt_error(manager.directory, step, steps, "state", e) from e
+
+
+def _read(manager: ocp.CheckpointManager, step: int, steps, items: dict[str, Any]) -> Any:
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+        raise corrupt_error(manager.directory, step, steps, ",".join(items), e) from e
+
+
+def load_params(path: str, abstract: TrainState, shardings: Any) -> Any:
+    """The parameters of another run's checkpoint, placed with the current `shardings`.
+
+    Args:
+      path: a checkpoint directory (its latest step is used) or one step directory in it.
+      abstract: the current state's shapes; the saved parameters must have exactly these.
+      shardings: the current state's shardings.
+    """
+    root = epath.Path(path)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint.init_from={path!r}: no such directory")
+    step = None
+    if (root / "state").exists() and root.name.isdigit():
+        root, step = root.parent, int(root.name)
+    manager = _manager(str(root), dict(read_only=True, create=False))
+    try:
+        steps = sorted(manager.all_steps())
+        if step is None:
+            if not steps:
+                raise CheckpointError(
+                    f"checkpoint.init_from={path!r} holds no complete checkpoint (expected step "
+                    "directories such as 1000/ with state/ inside)"
+                )
+            step = steps[-1]
+        where = f"checkpoint.init_from={path!r} (step {step})"
+        saved = _read_metadata(manager, step, steps)
+        params = unbox(abstract).params
+        expected = {"params/" + k: v for k, v in _shapes(params).items()}
+        check_tree({k: v for k, v in _shapes(saved).items() if k.startswith("params/")},
+                   expected, where)
+        target = {"params": jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+            shardings.params,
+        )}
+        restore = ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        restored = _read(manager, step, steps, {"state": restore})["state"]
+    finally:
+        manager.close()
+    return restored["params"]
