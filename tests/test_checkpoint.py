@@ -132,7 +132,7 @@ def test_interval_last_step_and_retention(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["fsdp2_tensor2", "one_device"])
-def test_restore_onto_another_mesh_has_target_shardings_and_equal_values(dp8, tmp_path, target):
+def test_restore_onto_another_mesh_has_target_shardings_and_equal_values(dp8, target):
     setup, state = dp8
     overrides, devices = {
         "fsdp2_tensor2": (["mesh.fsdp=2", "mesh.tensor=2", "sharding.rules=fsdp_tp"], 4),
