@@ -128,7 +128,7 @@ def main() -> None:
 
         batches_per_s = timed(data_window, args.repeats)
 
-        # A loop as train.py runs it: dispatch the step, then take the next batch.
+        # A loop as trainer.py runs it: dispatch the step, then take the next batch.
         waited, start = 0.0, time.perf_counter()
         batch = next(it)
         for _ in range(args.steps):

@@ -17,6 +17,9 @@ _EXPORTS = {
     "ConfigError": "jaxscale.errors",
     "ShardingError": "jaxscale.errors",
     "NonFiniteError": "jaxscale.errors",
+    "CheckpointError": "jaxscale.errors",
+    "Preempted": "jaxscale.errors",
+    "Checkpointer": "jaxscale.checkpoint",
     "MeshConfig": "jaxscale.config",
     "ModelConfig": "jaxscale.config",
     "OptimConfig": "jaxscale.config",
@@ -40,10 +43,11 @@ _EXPORTS = {
     "lm_loss": "jaxscale.step",
     "LossOutput": "jaxscale.step",
     "build_model": "jaxscale.models",
-    "train": "jaxscale.train",
+    "train": "jaxscale.trainer",
 }
 _SUBMODULES = {"config", "mesh", "sharding", "remat", "optim", "state", "step", "models", "data",
-               "metrics", "train", "cli", "plot", "errors"}
+               "metrics", "trainer", "cli", "plot", "errors", "distributed", "watchdog",
+               "checkpoint", "preemption"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
@@ -57,8 +61,15 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
+    from jaxscale.checkpoint import Checkpointer  # noqa: F401
     from jaxscale.config import Config, MeshConfig, ModelConfig, OptimConfig  # noqa: F401
-    from jaxscale.errors import ConfigError, NonFiniteError, ShardingError  # noqa: F401
+    from jaxscale.errors import (  # noqa: F401
+        CheckpointError,
+        ConfigError,
+        NonFiniteError,
+        Preempted,
+        ShardingError,
+    )
     from jaxscale.mesh import make_mesh  # noqa: F401
     from jaxscale.models import build_model  # noqa: F401
     from jaxscale.optim import make_optimizer, make_schedule  # noqa: F401
@@ -74,4 +85,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     )
     from jaxscale.state import TrainState, abstract_state, init_state  # noqa: F401
     from jaxscale.step import LossOutput, jit_step, lm_loss, make_eval_step, make_train_step  # noqa: F401
-    from jaxscale.train import train  # noqa: F401
+    from jaxscale.trainer import train  # noqa: F401

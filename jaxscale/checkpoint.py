@@ -95,7 +95,7 @@ class Resumed(NamedTuple):
 class Checkpointer:
     """Saves and restores a run's state with an orbax CheckpointManager.
 
-    Usage (see jaxscale/train.py)::
+    Usage (see jaxscale/trainer.py)::
 
         with Checkpointer(cfg, mesh) as ckpt:
             state, rng, data_state = ckpt.restore_or_init(init, abstract, shardings, rng=rng)

@@ -36,7 +36,7 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
 ATTENTIONS = ("auto", "xla", "cudnn", "reference")
-DATA_SOURCES = ("text", "synthetic")
+DATA_SOURCES = ("text", "shards", "hf", "synthetic")
 NONFINITE_POLICIES = ("abort", "skip")
 
 
@@ -119,27 +119,32 @@ class OptimConfig:
     b1: float = 0.9  # first-moment decay (adamw, lion) / momentum of adafactor
     b2: float = 0.95  # second-moment decay (adamw, lion)
     eps: float = 1e-8  # adamw denominator epsilon
-    weight_decay: float = 0.1  # decoupled weight decay
+    weight_decay: float = 0.1  # decoupled weight decay: p -= lr * wd * p (all optimizers)
     # Regexes searched in "/"-joined parameter paths; matching parameters get no weight decay.
     weight_decay_exclude: tuple[str, ...] = ("bias", "scale", "embedding")
     clip_norm: float = 1.0  # clip gradients to this global norm; 0 = off
     momentum: float = 0.9  # sgd momentum; 0 = plain sgd
     nesterov: bool = False  # sgd: Nesterov momentum
-    moment_dtype: str = "float32"  # storage dtype of optimizer moments (bfloat16 halves them)
+    # Storage dtype of the first moment / momentum (second moments stay float32 for stability).
+    moment_dtype: str = "float32"
     grad_accum: int = 1  # microbatches per step (lax.scan, fp32 accumulation)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "text"  # text | synthetic
-    # text: a directory, file or glob of text files ("" = the Python standard library's sources)
+    source: str = "text"  # text | shards (`jaxscale prepare` output) | hf (datasets) | synthetic
+    # text: a directory, file or glob of text / .jsonl files ("" = the Python standard library's
+    # sources); shards: a prepared directory; hf: a local data file/directory or a dataset name
     path: str = ""
     tokenizer: str = "byte"  # byte | path/to/tokenizer.json (Hugging Face tokenizers)
+    text_field: str = "text"  # the key holding a document's text in .jsonl lines and hf rows
+    hf_split: str = "train"  # hf: the dataset split to read
     val_fraction: float = 0.02  # fraction of documents held out for evaluation
     pack: bool = True  # pack documents into sequences with segment ids (no cross-doc attention)
     shuffle: bool = True  # shuffle sequences with the run's seed
     num_threads: int = 2  # background threads reading records
     prefetch: int = 4  # batches prepared ahead of the step
+    log_rows: bool = False  # append each step's rows and row hashes to <workdir>/data_rows/
 
 
 @dataclass(frozen=True)
@@ -149,8 +154,18 @@ class CheckpointConfig:
     keep: int = 3  # most recent checkpoints kept
     keep_period: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = off
     async_save: bool = True  # write in the background while training continues
-    restore_step: int = -1  # resume from this step; -1 = the latest complete one
-    init_from: str = ""  # checkpoint directory (or step directory) to load parameters from
+    restore_step: int = -1  # resume from this step (later ones are deleted); -1 = the latest
+    # with nothing to resume, start from the parameters of this checkpoint (or step) directory
+    init_from: str = ""
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    # A step is hung when it runs longer than factor x the median step time; 0 = no watchdog.
+    factor: float = 20.0
+    min_seconds: float = 300.0  # ...and longer than this (first steps, evals, checkpoint saves)
+    timeout: float = 60.0  # after dumping the stacks, wait this long for the step, then exit 5
+    poll_seconds: float = 1.0  # how often the watchdog thread looks
 
 
 @dataclass(frozen=True)
@@ -178,6 +193,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +277,7 @@ def _omegaconf_error(e: Exception) -> ConfigError:
 _SECTIONS = {
     "model": ModelConfig, "mesh": MeshConfig, "sharding": ShardingConfig, "optim": OptimConfig,
     "data": DataConfig, "checkpoint": CheckpointConfig, "profile": ProfileConfig,
+    "watchdog": WatchdogConfig,
 }
 
 
@@ -286,7 +303,9 @@ def load(config: str = "tiny", overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
         schema = OmegaConf.structured(Config)
-        merged = OmegaConf.merge(schema, _read_yaml(config), OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(
+            schema, _read_yaml(config), OmegaConf.from_dotlist(list(overrides))
+        )
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
@@ -448,6 +467,21 @@ def _validate_data(d: DataConfig) -> None:
     _fraction("data.val_fraction", d.val_fraction, closed=False)
     _positive("data.num_threads", d.num_threads)
     _non_negative("data.prefetch", d.prefetch)
+    needs_path = {"shards": "a directory written by `jaxscale prepare`",
+                  "hf": "a local data file or directory, or a dataset name"}
+    if d.source in needs_path and not d.path:
+        raise ConfigError(f"data.source={d.source!r} needs data.path: {needs_path[d.source]}")
+    if not d.text_field:
+        raise ConfigError("data.text_field='' must name the key that holds a document's text")
+
+
+def _validate_watchdog(w: WatchdogConfig) -> None:
+    _non_negative("watchdog.factor", w.factor)
+    if 0 < w.factor <= 1:
+        raise ConfigError(f"watchdog.factor={w.factor} must be above 1 (or 0 to turn it off)")
+    _non_negative("watchdog.min_seconds", w.min_seconds)
+    _non_negative("watchdog.timeout", w.timeout)
+    _positive("watchdog.poll_seconds", w.poll_seconds)
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:
@@ -471,6 +505,7 @@ def validate(cfg: Config) -> None:
     _validate_optim(cfg.optim)
     _validate_data(cfg.data)
     _validate_checkpoint(cfg.checkpoint)
+    _validate_watchdog(cfg.watchdog)
     if cfg.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"seq_len={cfg.seq_len} is above model.max_seq_len={cfg.model.max_seq_len}; lower "
@@ -481,14 +516,18 @@ def validate(cfg: Config) -> None:
             f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum="
             f"{cfg.optim.grad_accum} (each microbatch needs the same number of sequences)"
         )
-    if cfg.data.tokenizer == "byte" and cfg.data.source != "synthetic" and cfg.model.vocab_size < 256:
+    byte_text = cfg.data.tokenizer == "byte" and cfg.data.source != "synthetic"
+    if byte_text and cfg.model.vocab_size < 256:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is too small for data.tokenizer='byte' "
             "(needs >= 256)"
         )
     if cfg.profile.steps and (
-        len(cfg.profile.steps) != 2 or not 0 <= cfg.profile.steps[0] < cfg.profile.steps[1]
+        len(cfg.profile.steps) != 2
+        or not 0 <= cfg.profile.steps[0] < cfg.profile.steps[1] <= cfg.steps
     ):
+        # stop <= steps: a trace that never reaches its stop step is never written
         raise ConfigError(
             f"profile.steps={list(cfg.profile.steps)} must be [start, stop] with 0 <= start < stop"
+            f" <= steps (steps={cfg.steps})"
         )

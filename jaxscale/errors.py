@@ -15,3 +15,11 @@ class ShardingError(ConfigError):
 
 class NonFiniteError(JaxscaleError, FloatingPointError):
     """The loss or gradient norm became NaN or infinite (on_nonfinite=abort)."""
+
+
+class CheckpointError(JaxscaleError):
+    """A checkpoint cannot be saved or restored; the message names the step and what to do."""
+
+
+class Preempted(JaxscaleError):
+    """A stop signal (SIGTERM, SIGINT) ended the run after a checkpoint committed; rerun resumes."""

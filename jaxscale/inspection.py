@@ -93,7 +93,7 @@ def compile_step(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Compiled
     Raises:
       ConfigError / ShardingError: the same checks as training, before compiling.
     """
-    from jaxscale.train import check_batch
+    from jaxscale.trainer import check_batch
 
     mesh = mesh or make_mesh(cfg.mesh)
     rules = shd.resolve_rules(cfg.sharding.rules)

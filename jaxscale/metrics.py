@@ -182,11 +182,23 @@ def compiled_stats(compiled: Any) -> CompiledStats:
 
 class JsonlWriter:
     """Appends one JSON object per line and flushes it. A line cut short by a crash is the last
-    line and is not valid JSON, so readers detect it (`read_jsonl` skips it)."""
+    line and is not valid JSON, so readers detect it (`read_jsonl` skips it).
 
-    def __init__(self, path: str | os.PathLike):
+    Args:
+      path: the file.
+      keep_through: records of an earlier run with a step above this are dropped first (a run
+        resumed from a checkpoint at this step repeats them; 0 starts a fresh file). The file is
+        rewritten atomically.
+    """
+
+    def __init__(self, path: str | os.PathLike, keep_through: int = 0):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in (read_jsonl(self.path) if self.path.exists() else [])
+                if isinstance(r.get("step"), int) and r["step"] <= keep_through]
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
@@ -248,7 +260,7 @@ class MetricsLogger:
         if not enabled:
             return
         workdir = pathlib.Path(workdir)
-        self._writers = [JsonlWriter(workdir / "metrics.jsonl"),
+        self._writers = [JsonlWriter(workdir / "metrics.jsonl", keep_through=start_step),
                          TensorBoardWriter(workdir / "tensorboard")]
         if progress and sys.stdout.isatty():
             from tqdm import tqdm

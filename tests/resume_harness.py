@@ -79,9 +79,9 @@ def install(env=os.environ, setattr_=setattr) -> None:
         setattr_(pipeline.DataIterator, "__next__", logged_next)
 
     if env.get("JAXSCALE_TEST_NO_PLOT"):
-        from jaxscale import train
+        from jaxscale import trainer
 
-        setattr_(train, "_plot", lambda workdir, logger: None)
+        setattr_(trainer, "_plot", lambda workdir, logger: None)
 
     slow, fail = env.get("JAXSCALE_TEST_SLOW_SAVE"), env.get("JAXSCALE_TEST_FAIL_SAVE")
     if slow or fail:

@@ -97,3 +97,22 @@ def test_jsonl_writer_and_truncated_last_line(tmp_path):
         f.write('{"step": 3, "lo')  # a crash mid-line
     records = metrics.read_jsonl(path)
     assert records == [{"step": 1, "loss": 2.5, "mfu": "nan"}, {"step": 2, "loss": 2.0}]
+
+
+def test_jsonl_writer_drops_records_a_resumed_run_repeats(tmp_path):
+    path = tmp_path / "m.jsonl"
+    writer = metrics.JsonlWriter(path)
+    for n in (2, 4, 6):
+        writer.write({"step": n, "loss": float(n)})
+    writer.close()
+    with open(path, "a") as f:
+        f.write('{"step": 8, "lo')  # killed mid-line after step 6
+    # Resumed from the checkpoint of step 4: steps 6 and 8 will be trained again.
+    writer = metrics.JsonlWriter(path, keep_through=4)
+    writer.write({"step": 6, "loss": 6.5})
+    writer.close()
+    assert metrics.read_jsonl(path) == [
+        {"step": 2, "loss": 2.0}, {"step": 4, "loss": 4.0}, {"step": 6, "loss": 6.5}]
+    # A fresh run (nothing to resume) starts an empty file.
+    metrics.JsonlWriter(path).close()
+    assert path.read_text() == ""

@@ -8,7 +8,7 @@ import pytest
 from jaxscale import config as config_lib
 from jaxscale import tracing
 from jaxscale.errors import ConfigError
-from jaxscale.train import train
+from jaxscale.trainer import train
 
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
          "model.d_ff=64", "seq_len=16", "batch_size=16", "eval_batches=1", "progress=false",

@@ -1,47 +1,105 @@
-"""Data: tokenizers, sources and the grain pipeline that builds global batches.
+"""Data: tokenizers, sources, token shards and the grain pipeline that builds global batches.
 
 `make_pipelines(cfg, batch_sharding)` returns the training and the evaluation pipelines for a
-config; sources are a table keyed by `data.source`.
+config; sources are a table keyed by `data.source`. Names resolve on first use, so the tokenizers,
+document readers and `jaxscale prepare` work without importing jax.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jax.sharding import NamedSharding
+from jaxscale.config import Config
+from jaxscale.errors import ConfigError
 
-from jaxscale.config import Config, ConfigError
-from jaxscale.data.pipeline import DataIterator, DataPipeline, process_rows
-from jaxscale.data.sources import (
-    PackedWindows,
-    PaddedDocuments,
-    SyntheticTokens,
-    TokenStream,
-    load_text_corpus,
-)
-from jaxscale.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+if TYPE_CHECKING:
+    from jax.sharding import NamedSharding
+
+    from jaxscale.data.pipeline import DataPipeline
+    from jaxscale.data.sources import TokenStream
 
 # Seed of the held-out batches: the same for every run, so eval losses compare across runs.
 EVAL_SEED = 0
 
+# public name -> module that defines it
+_EXPORTS = {
+    "ByteTokenizer": "jaxscale.data.tokenizers",
+    "HFTokenizer": "jaxscale.data.tokenizers",
+    "load_tokenizer": "jaxscale.data.tokenizers",
+    "TokenStream": "jaxscale.data.sources",
+    "PackedWindows": "jaxscale.data.sources",
+    "PaddedDocuments": "jaxscale.data.sources",
+    "SyntheticTokens": "jaxscale.data.sources",
+    "load_text_corpus": "jaxscale.data.sources",
+    "load_hf_corpus": "jaxscale.data.sources",
+    "open_shards": "jaxscale.data.shards",
+    "prepare": "jaxscale.data.prepare",
+    "DataIterator": "jaxscale.data.pipeline",
+    "DataPipeline": "jaxscale.data.pipeline",
+    "process_rows": "jaxscale.data.pipeline",
+}
 
-def _windows(cfg: Config, stream: TokenStream):
-    return (PackedWindows if cfg.data.pack else PaddedDocuments)(stream, cfg.seq_len)
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxscale.data' has no attribute {name!r}")
 
 
-def _text(cfg: Config) -> tuple[Any, Any]:
+def _tokenizer(cfg: Config):
+    from jaxscale.data.tokenizers import load_tokenizer
+
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})"
         )
-    train, val = load_text_corpus(cfg.data.path, tokenizer, cfg.data.val_fraction)
-    return _windows(cfg, train), _windows(cfg, val)
+    return tokenizer
+
+
+def _windows(cfg: Config, streams: tuple[TokenStream, TokenStream]) -> tuple[Any, Any]:
+    from jaxscale.data.sources import PackedWindows, PaddedDocuments
+
+    kind = PackedWindows if cfg.data.pack else PaddedDocuments
+    return kind(streams[0], cfg.seq_len), kind(streams[1], cfg.seq_len)
+
+
+def _text(cfg: Config) -> tuple[Any, Any]:
+    from jaxscale.data.sources import load_text_corpus
+
+    d = cfg.data
+    return _windows(cfg, load_text_corpus(d.path, _tokenizer(cfg), d.val_fraction, d.text_field))
+
+
+def _hf(cfg: Config) -> tuple[Any, Any]:
+    from jaxscale.data.sources import load_hf_corpus
+
+    d = cfg.data
+    streams = load_hf_corpus(d.path, _tokenizer(cfg), d.val_fraction, d.hf_split, d.text_field)
+    return _windows(cfg, streams)
+
+
+def _shards(cfg: Config) -> tuple[Any, Any]:
+    from jaxscale.data.shards import open_shards
+
+    tokenizer = _tokenizer(cfg)
+    stream, manifest = open_shards(cfg.data.path)
+    prepared = manifest["tokenizer"]
+    if prepared["fingerprint"] != tokenizer.fingerprint():
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer!r} is not the tokenizer data.path="
+            f"{cfg.data.path!r} was prepared with ({prepared['name']!r}, "
+            f"{prepared['fingerprint'][:19]}); set data.tokenizer to that tokenizer"
+        )
+    return _windows(cfg, stream.split(cfg.data.val_fraction))
 
 
 def _synthetic(cfg: Config) -> tuple[Any, Any]:
+    from jaxscale.data.sources import SyntheticTokens
+
     vocab = cfg.model.vocab_size
     return (
         SyntheticTokens(cfg.seq_len, vocab, seed=cfg.seed),
@@ -52,12 +110,20 @@ def _synthetic(cfg: Config) -> tuple[Any, Any]:
 # data.source -> function(cfg) -> (train records, held-out records)
 SOURCES: dict[str, Callable[[Config], tuple[Any, Any]]] = {
     "text": _text,
+    "shards": _shards,
+    "hf": _hf,
     "synthetic": _synthetic,
 }
 
 
-def make_pipelines(cfg: Config, sharding: NamedSharding) -> tuple[DataPipeline, DataPipeline]:
+def make_pipelines(
+    cfg: Config, sharding: NamedSharding
+) -> tuple[DataPipeline, DataPipeline]:
     """The training pipeline (shuffled with the run's seed) and the held-out one."""
+    import jax
+
+    from jaxscale.data.pipeline import DataPipeline
+
     if cfg.data.source not in SOURCES:
         raise ConfigError(
             f"data.source={cfg.data.source!r} is not valid; choose one of: {', '.join(SOURCES)}"
@@ -76,14 +142,13 @@ def make_pipelines(cfg: Config, sharding: NamedSharding) -> tuple[DataPipeline, 
         global_batch=cfg.batch_size, sharding=sharding, num_threads=cfg.data.num_threads,
         prefetch=cfg.data.prefetch,
     )
+    row_log = None
+    if cfg.data.log_rows:
+        row_log = f"{cfg.workdir}/data_rows/process-{jax.process_index():05d}.jsonl"
     return (
-        DataPipeline(train, seed=cfg.seed, shuffle=cfg.data.shuffle, **common),
+        DataPipeline(train, seed=cfg.seed, shuffle=cfg.data.shuffle, row_log=row_log, **common),
         DataPipeline(held_out, seed=EVAL_SEED, shuffle=True, **common),
     )
 
 
-__all__ = [
-    "SOURCES", "ByteTokenizer", "DataIterator", "DataPipeline", "HFTokenizer", "PackedWindows",
-    "PaddedDocuments", "SyntheticTokens", "TokenStream", "load_text_corpus", "load_tokenizer",
-    "make_pipelines", "process_rows",
-]
+__all__ = ["EVAL_SEED", "SOURCES", "make_pipelines", *sorted(_EXPORTS)]

@@ -1,24 +1,29 @@
-"""Where tokens come from: text files, synthetic tokens, and random-access records over them.
+"""Where tokens come from, and random-access records over them.
 
-A corpus is read into one `TokenStream` (all documents concatenated, with their start offsets).
+A corpus becomes one `TokenStream`: its documents laid end to end, read from token arrays in
+memory (a tokenized text corpus) or memory-mapped from shard files (`jaxscale prepare`'s output).
 Records are fixed-length windows of `seq_len + 1` tokens: `PackedWindows` cuts the stream into
 windows that may span several documents (segment ids and per-document positions keep attention and
 the loss inside each document), `PaddedDocuments` gives every document its own windows, padded.
-Both are random-access (`len`, `[i]`), which is what grain's MapDataset needs.
+Both are random-access (`len`, `[i]`), which is what grain's MapDataset needs, and read a whole
+batch of windows at once (`batch(indices)`, vectorised over the rows), which is what the pipeline
+uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import pathlib
-import sysconfig
-import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from jaxscale.config import ConfigError
+from jaxscale.data.documents import (
+    Document,
+    document_key,
+    hf_documents,
+    split_documents,
+    text_documents,
+)
 from jaxscale.data.tokenizers import Tokenizer
 
 Record = dict[str, np.ndarray]
@@ -26,103 +31,150 @@ Record = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
-    tokens: np.ndarray  # every document's tokens, concatenated
-    doc_starts: np.ndarray  # int64 offset of each document in `tokens`, then len(tokens)
+    """Documents laid end to end, read from one or more token arrays.
+
+    Document ``d`` is ``chunks[doc_chunk[d]][doc_offset[d]:doc_offset[d] + length]`` and occupies
+    ``[doc_starts[d], doc_starts[d + 1])`` of the stream. Documents appear in the stream in the
+    order they are stored (a chunk's documents in increasing offset), which lets a window that
+    stays inside one chunk be read as a single slice.
+    """
+
+    chunks: tuple[np.ndarray, ...]  # token arrays: in memory or np.memmap of shard files
+    doc_chunk: np.ndarray  # int32: the chunk holding each document
+    doc_offset: np.ndarray  # int64: where each document starts in its chunk
+    doc_starts: np.ndarray  # int64: each document's offset in the stream, then the stream length
+    doc_keys: np.ndarray  # uint32: each document's `document_key` (decides the held-out split)
 
     @property
     def num_docs(self) -> int:
         return len(self.doc_starts) - 1
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.doc_starts[-1])
+
     @classmethod
-    def from_documents(cls, docs: Sequence[np.ndarray]) -> TokenStream:
-        docs = [d for d in docs if len(d)]
+    def from_documents(
+        cls, docs: Sequence[np.ndarray], keys: Sequence[int] | None = None
+    ) -> TokenStream:
+        """A stream over token arrays in memory (empty documents are dropped)."""
+        keys = np.arange(len(docs)) if keys is None else np.asarray(keys)
+        kept = [i for i, d in enumerate(docs) if len(d)]
+        docs = [docs[i] for i in kept]
         lengths = np.array([len(d) for d in docs], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         dtype = np.result_type(*[d.dtype for d in docs]) if docs else np.uint16
         tokens = np.concatenate(docs).astype(dtype) if docs else np.zeros(0, dtype)
-        return cls(tokens=tokens, doc_starts=starts)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return cls(
+            chunks=(tokens,),
+            doc_chunk=np.zeros(len(docs), np.int32),
+            doc_offset=offsets[:-1],
+            doc_starts=offsets,
+            doc_keys=keys[kept].astype(np.uint32) if len(kept) else np.zeros(0, np.uint32),
+        )
+
+    def select(self, mask: np.ndarray) -> TokenStream:
+        """The stream of the documents where `mask` is True, in the same order."""
+        lengths = np.diff(self.doc_starts)[mask]
+        return TokenStream(
+            chunks=self.chunks,
+            doc_chunk=self.doc_chunk[mask],
+            doc_offset=self.doc_offset[mask],
+            doc_starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            doc_keys=self.doc_keys[mask],
+        )
+
+    def split(self, val_fraction: float) -> tuple[TokenStream, TokenStream]:
+        """(training, held-out) streams, split by document key (`split_documents`)."""
+        held_out = split_documents(self.doc_keys, val_fraction)
+        return self.select(~held_out), self.select(held_out)
+
+    def document(self, index: int) -> np.ndarray:
+        lo, hi = self.doc_starts[index], self.doc_starts[index + 1]
+        return self.read(int(lo), int(hi))[0]
+
+    def gather(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens at stream `positions` (any shape) and the document index of each."""
+        doc_ids = np.searchsorted(self.doc_starts, positions, side="right") - 1
+        offsets = self.doc_offset[doc_ids] + (positions - self.doc_starts[doc_ids])
+        if len(self.chunks) == 1:
+            return np.asarray(self.chunks[0][offsets]), doc_ids
+        chunk_ids = self.doc_chunk[doc_ids]
+        tokens = np.empty(positions.shape, np.result_type(*[c.dtype for c in self.chunks]))
+        for c in np.unique(chunk_ids):
+            where = chunk_ids == c
+            tokens[where] = self.chunks[c][offsets[where]]
+        return tokens, doc_ids
+
+    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens ``[lo, hi)`` of the stream and the document index of each."""
+        starts = self.doc_starts
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi - 1, side="right")) - 1
+        doc_ids = np.searchsorted(starts, np.arange(lo, hi), side="right") - 1
+        chunk = self.doc_chunk[first]
+        if chunk == self.doc_chunk[last] and (
+            self.doc_offset[last] - self.doc_offset[first] == starts[last] - starts[first]
+        ):
+            begin = int(self.doc_offset[first] + lo - starts[first])
+            return np.asarray(self.chunks[chunk][begin:begin + hi - lo]), doc_ids
+        pieces = []
+        for d in range(first, last + 1):
+            a, b = max(lo, starts[d]), min(hi, starts[d + 1])
+            begin = int(self.doc_offset[d] + a - starts[d])
+            pieces.append(self.chunks[self.doc_chunk[d]][begin:begin + b - a])
+        return np.concatenate(pieces), doc_ids
 
 
-def stdlib_text_files() -> list[pathlib.Path]:
-    """The Python standard library's own .py files: a real corpus found on every machine."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-
-
-def _is_text(path: pathlib.Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" not in f.read(4096)
-
-
-def find_text_files(path: str) -> list[pathlib.Path]:
-    """Files named by `path`: a file, a directory (searched recursively) or a glob pattern."""
-    if not path:
-        return stdlib_text_files()
-    p = pathlib.Path(path).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    else:
-        files = sorted(pathlib.Path(f) for f in glob.glob(str(p), recursive=True))
-        files = [f for f in files if f.is_file()]
-        if not files:
-            raise ConfigError(f"data.path={path!r} matches no file or directory")
-    files = [f for f in files if _is_text(f)]
-    if not files:
-        raise ConfigError(f"data.path={path!r} holds no text files")
-    return files
-
-
-def split_documents(names: Sequence[str], val_fraction: float) -> np.ndarray:
-    """Boolean mask of held-out documents, stable across runs and machines (a hash of the name).
-
-    With a positive fraction and at least two documents, at least one is held out and one kept.
-    """
-    bucket = np.array([zlib.crc32(n.encode()) % 100_000 for n in names], dtype=np.int64)
-    held_out = bucket < int(round(val_fraction * 100_000))
-    if val_fraction > 0 and len(names) >= 2:
-        if not held_out.any():
-            held_out[np.argmin(bucket)] = True
-        if held_out.all():
-            held_out[np.argmax(bucket)] = False
-    return held_out
+def tokenize_documents(docs: Iterable[Document], tokenizer: Tokenizer) -> TokenStream:
+    """Tokenize documents into an in-memory stream that keeps each document's key."""
+    tokens, keys = [], []
+    for doc in docs:
+        tokens.append(tokenizer.encode(doc.text))
+        keys.append(document_key(doc.name))
+    return TokenStream.from_documents(tokens, keys)
 
 
 def load_text_corpus(
-    path: str, tokenizer: Tokenizer, val_fraction: float
+    path: str, tokenizer: Tokenizer, val_fraction: float, text_field: str = "text"
 ) -> tuple[TokenStream, TokenStream]:
-    """Read and tokenize text files into (train, validation) streams, split by document."""
-    files = find_text_files(path)
-    root = pathlib.Path(path).expanduser() if path else pathlib.Path(sysconfig.get_paths()["stdlib"])
-    names = [str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in files]
-    docs = [tokenizer.encode(f.read_bytes()) for f in files]
-    held_out = split_documents(names, val_fraction)
-    train = TokenStream.from_documents([d for d, h in zip(docs, held_out) if not h])
-    val = TokenStream.from_documents([d for d, h in zip(docs, held_out) if h])
-    return train, val
+    """Read and tokenize text (and JSON-lines) files into (train, validation) streams."""
+    return tokenize_documents(text_documents(path, text_field), tokenizer).split(val_fraction)
 
 
-def _window_record(tokens: np.ndarray, doc_ids: np.ndarray) -> Record:
-    """inputs/targets/positions/segment_ids/loss_mask of one window of T+1 tokens.
+def load_hf_corpus(
+    path: str, tokenizer: Tokenizer, val_fraction: float, split: str = "train",
+    text_field: str = "text",
+) -> tuple[TokenStream, TokenStream]:
+    """Read and tokenize a Hugging Face dataset into (train, validation) streams."""
+    return tokenize_documents(hf_documents(path, split, text_field), tokenizer).split(val_fraction)
 
-    `doc_ids` holds each token's document (-1 for padding). Targets that belong to another
+
+def window_records(tokens_BL: np.ndarray, doc_ids_BL: np.ndarray) -> Record:
+    """inputs/targets/positions/segment_ids/loss_mask of B windows of L = T+1 tokens each.
+
+    `doc_ids_BL` holds each token's document (-1 for padding). Targets that belong to another
     document than their input (a boundary) or to padding are masked out of the loss.
     """
-    inputs, targets = tokens[:-1], tokens[1:]
-    doc_in, doc_out = doc_ids[:-1], doc_ids[1:]
-    new_segment = np.concatenate([[True], doc_in[1:] != doc_in[:-1]])
-    segment_ids = np.cumsum(new_segment).astype(np.int32)
+    inputs, targets = tokens_BL[:, :-1], tokens_BL[:, 1:]
+    doc_in, doc_out = doc_ids_BL[:, :-1], doc_ids_BL[:, 1:]
+    B, T = inputs.shape
+    new_segment = np.concatenate([np.ones((B, 1), bool), doc_in[:, 1:] != doc_in[:, :-1]], 1)
+    segment_ids = np.cumsum(new_segment, axis=1).astype(np.int32)
     segment_ids[doc_in < 0] = 0
-    starts = np.flatnonzero(new_segment)
-    positions = (np.arange(len(inputs)) - starts[np.cumsum(new_segment) - 1]).astype(np.int32)
+    index = np.arange(T)
+    segment_start = np.maximum.accumulate(np.where(new_segment, index, 0), axis=1)
     return {
         "inputs": inputs.astype(np.int32),
         "targets": targets.astype(np.int32),
-        "positions": positions,
+        "positions": (index - segment_start).astype(np.int32),
         "segment_ids": segment_ids,
         "loss_mask": ((doc_in == doc_out) & (doc_in >= 0)).astype(np.int32),
     }
+
+
+def _one(batch: Record) -> Record:
+    return {k: v[0] for k, v in batch.items()}
 
 
 class PackedWindows:
@@ -130,16 +182,19 @@ class PackedWindows:
 
     def __init__(self, stream: TokenStream, seq_len: int):
         self.stream, self.seq_len = stream, seq_len
-        self._len = max((len(stream.tokens) - 1) // seq_len, 0)
+        self._len = max((stream.num_tokens - 1) // seq_len, 0)
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, index: int) -> Record:
-        start = int(index) * self.seq_len
-        span = np.arange(start, start + self.seq_len + 1)
-        doc_ids = np.searchsorted(self.stream.doc_starts, span, side="right") - 1
-        return _window_record(self.stream.tokens[span], doc_ids)
+        return _one(self.batch(np.array([index])))
+
+    def batch(self, indices: np.ndarray) -> Record:
+        """Windows `indices`, stacked: each field [len(indices), seq_len]."""
+        starts = np.asarray(indices, np.int64) * self.seq_len
+        positions = starts[:, None] + np.arange(self.seq_len + 1)
+        return window_records(*self.stream.gather(positions))
 
 
 class PaddedDocuments:
@@ -156,14 +211,18 @@ class PaddedDocuments:
         return len(self._doc)
 
     def __getitem__(self, index: int) -> Record:
-        doc, chunk = int(self._doc[index]), int(self._chunk[index])
-        lo, hi = self.stream.doc_starts[doc], self.stream.doc_starts[doc + 1]
-        start = lo + chunk * self.seq_len
-        piece = self.stream.tokens[start:min(start + self.seq_len + 1, hi)]
-        pad = self.seq_len + 1 - len(piece)
-        tokens = np.concatenate([piece, np.zeros(pad, piece.dtype)])
-        doc_ids = np.concatenate([np.zeros(len(piece), np.int64), np.full(pad, -1)])
-        return _window_record(tokens, doc_ids)
+        return _one(self.batch(np.array([index])))
+
+    def batch(self, indices: np.ndarray) -> Record:
+        """Windows `indices`, stacked: each field [len(indices), seq_len]."""
+        doc = self._doc[indices]
+        starts = self.stream.doc_starts[doc] + self._chunk[indices] * self.seq_len
+        ends = self.stream.doc_starts[doc + 1]
+        positions = starts[:, None] + np.arange(self.seq_len + 1)
+        valid = positions < ends[:, None]
+        tokens, _ = self.stream.gather(np.minimum(positions, ends[:, None] - 1))
+        tokens = np.where(valid, tokens, 0)
+        return window_records(tokens, np.where(valid, 0, -1))
 
 
 class SyntheticTokens:
@@ -176,6 +235,12 @@ class SyntheticTokens:
         return self._len
 
     def __getitem__(self, index: int) -> Record:
-        rng = np.random.default_rng([self.seed, int(index)])
-        tokens = rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int32)
-        return _window_record(tokens, np.zeros(self.seq_len + 1, np.int64))
+        return _one(self.batch(np.array([index])))
+
+    def batch(self, indices: np.ndarray) -> Record:
+        tokens = np.stack([
+            np.random.default_rng([self.seed, int(i)]).integers(
+                0, self.vocab_size, self.seq_len + 1, dtype=np.int32)
+            for i in indices
+        ])
+        return window_records(tokens, np.zeros(tokens.shape, np.int64))

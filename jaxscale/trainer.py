@@ -7,6 +7,7 @@ step late), so the device always has work queued.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,13 +22,14 @@ import jax
 from jaxscale import config as config_lib
 from jaxscale import metrics as metrics_lib
 from jaxscale import sharding as shd
+from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import Config, ConfigError
 from jaxscale.data import make_pipelines
 from jaxscale.errors import NonFiniteError
 from jaxscale.mesh import make_mesh
 from jaxscale.models import build_model
 from jaxscale.optim import make_optimizer, make_schedule
-from jaxscale.state import TrainState, init_state, num_params
+from jaxscale.state import TrainState, abstract_state, init_state, num_params
 from jaxscale.step import (
     eval_sums_zero,
     finish_eval,
@@ -36,6 +38,7 @@ from jaxscale.step import (
     make_eval_step,
     make_train_step,
 )
+from jaxscale.watchdog import start_watchdog
 
 
 def check_batch(cfg: Config, mesh: jax.sharding.Mesh, rules: shd.LogicalRules) -> None:
@@ -104,8 +107,17 @@ def train(cfg: Config, *, model: nn.Module | None = None) -> TrainState:
       model: a Flax module following the jaxscale model interface; default built from cfg.model.
 
     Writes to `cfg.workdir`: config.yaml (the resolved config), metrics.jsonl, tensorboard/,
-    summary.json and loss.png (when matplotlib is installed).
+    summary.json and loss.png (when matplotlib is installed), and checkpoints/ (unless
+    checkpoint.dir says otherwise), from whose latest complete step a rerun resumes.
+
+    Raises:
+      Preempted: SIGTERM or SIGINT stopped the run after a checkpoint committed.
     """
+    with contextlib.ExitStack() as cleanup:
+        return _train(cfg, model, cleanup)
+
+
+def _train(cfg: Config, model: nn.Module | None, cleanup: contextlib.ExitStack) -> TrainState:
     wall_start = time.perf_counter()
     is_main = jax.process_index() == 0
     workdir = pathlib.Path(cfg.workdir)
@@ -122,8 +134,13 @@ def train(cfg: Config, *, model: nn.Module | None = None) -> TrainState:
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         _write_atomic(workdir / "config.yaml", config_lib.to_yaml(cfg))
-    state, state_shardings = init_state(
-        model, tx, mesh, rules, seq_len=cfg.seq_len, seed=cfg.seed
+    abstract = abstract_state(model, tx, cfg.seq_len, cfg.seed)
+    state_shardings = shd.state_shardings(abstract, mesh, rules)
+    ckpt = cleanup.enter_context(Checkpointer(cfg, mesh))
+    state, dropout_rng, data_state = ckpt.restore_or_init(
+        lambda: init_state(model, tx, mesh, rules, seq_len=cfg.seq_len, seed=cfg.seed)[0],
+        abstract, state_shardings, rng=jax.random.fold_in(jax.random.key(cfg.seed), 1),
+        check_data=train_data.check_state,
     )
     step_fn = jit_step(
         make_train_step(
@@ -134,10 +151,11 @@ def train(cfg: Config, *, model: nn.Module | None = None) -> TrainState:
     )
     eval_step = make_eval_step(model, mesh=mesh, rules=rules)
     eval_fn = jit_eval_step(eval_step, state_shardings, batch_sharding)
-    dropout_rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
 
     start_step = int(jax.device_get(state.step))
-    batches = train_data.iterator(start_step)
+    if start_step >= cfg.steps:  # a finished run: nothing to train, its summary stays
+        return state
+    batches = train_data.iterator(start_step, state=data_state)
     first_batch = next(batches)
     compile_start = time.perf_counter()
     compiled = step_fn.lower(state, first_batch, dropout_rng).compile()
@@ -196,11 +214,14 @@ def train(cfg: Config, *, model: nn.Module | None = None) -> TrainState:
         logger.write(record)
 
     interval.start(start_step)
+    watchdog = start_watchdog(cfg.watchdog, workdir)
+    cleanup.callback(watchdog.stop)
     batch = first_batch
     for step in range(start_step, cfg.steps):
         if profile and step == profile[0]:
             jax.profiler.start_trace(str(workdir / "profile"))
         state, metrics = compiled(state, batch, dropout_rng)
+        watchdog.pet(step + 1, metrics["loss"])
         if pending is not None:
             read(*pending)
         done = step + 1
@@ -213,6 +234,10 @@ def train(cfg: Config, *, model: nn.Module | None = None) -> TrainState:
         if profile and done == profile[1]:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
+        if ckpt.should_save(done):
+            read(*pending)  # a non-finite step raises here, before anything of it is saved
+            pending = None
+            ckpt.save(done, state, batches.get_state())  # raises Preempted after a stop signal
         if done < cfg.steps:
             batch = next(batches)
     if pending is not None:
@@ -235,9 +260,11 @@ def _summary(cfg: Config, history: list[dict[str, Any]], stats, compile_s: float
                 "tokens_per_sec": 0.0, "mfu": 0.0, "peak_bytes_per_device": stats.peak_bytes,
                 "compile_time_s": compile_s, "wall_time_s": wall_s}
     timed = history[1:] or history
-    steps = [r["step"] - p["step"] for p, r in zip(history, history[1:])] or [history[0]["step"]]
-    seconds = sum(n * r["step_time_s"] for n, r in zip(steps, timed))
-    tokens = sum(n * r["tokens_per_sec"] * r["step_time_s"] for n, r in zip(steps, timed))
+    pairs = zip(history, history[1:], strict=False)
+    steps = [r["step"] - p["step"] for p, r in pairs] or [history[0]["step"]]
+    seconds = sum(n * r["step_time_s"] for n, r in zip(steps, timed, strict=True))
+    tokens = sum(n * r["tokens_per_sec"] * r["step_time_s"]
+                 for n, r in zip(steps, timed, strict=True))
     tokens_per_sec = tokens / max(seconds, 1e-9)
     # MFU is proportional to throughput: scale any record's ratio.
     mfu = tokens_per_sec * timed[-1]["mfu"] / max(timed[-1]["tokens_per_sec"], 1e-9)
