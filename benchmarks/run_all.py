@@ -62,13 +62,18 @@ def run(name: str, args: list[str]) -> tuple[str, float, int]:
     return out.strip(), time.perf_counter() - start, proc.returncode
 
 
-def section(results: dict[str, tuple[str, float, int, list[str]]], quick: bool) -> str:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0)
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def section(results: dict[str, tuple[str, float, int, list[str]]], quick: bool,
+            loads: list[float]) -> str:
     lines = [BEGIN, "## CPU benchmark suite (`benchmarks/run_all.py`)", "",
              f"Run {datetime.date.today().isoformat()} with `python benchmarks/run_all.py"
              f"{' --quick' if quick else ''}` on {os.cpu_count()} CPU cores "
              f"({platform.machine()}, Python {platform.python_version()}), 8 simulated devices; "
-             f"load average at the end {load[0]:.1f}. The machine is shared: absolute times "
+             f"1-minute load average between {min(loads):.1f} and {max(loads):.1f} (sampled "
+             "before and after each benchmark). The machine is shared: absolute times "
              "move between runs, compare within a table (each table is measured in one run, "
              "its rows alternated).", ""]
     for name, (out, seconds, code, args) in results.items():
@@ -103,14 +108,15 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
     args = p.parse_args(argv)
-    results = {}
+    results, loads = {}, [_load()]
     for name in args.only:
         extra = BENCHMARKS[name][2] if args.quick else BENCHMARKS[name][1]
         print(f"running {name} {' '.join(extra)} ...", flush=True)
         out, seconds, code = run(name, extra)
         print(out + f"\n({seconds:.0f} s, exit {code})\n", flush=True)
         results[name] = (out, seconds, code, extra)
-    text = section(results, args.quick)
+        loads.append(_load())
+    text = section(results, args.quick, loads)
     if not args.no_write:
         write(text)
         print(f"wrote {RESULTS}")

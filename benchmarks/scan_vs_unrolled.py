@@ -46,7 +46,7 @@ def main(argv=None) -> str:
             f"| {layers} | {pair[0].compile_s:.1f} | {pair[1].compile_s:.1f} | "
             f"{pair[1].compile_s / pair[0].compile_s:.1f}x | {s_med:.1f} ({s_lo:.1f}-{s_hi:.1f}) "
             f"| {u_med:.1f} ({u_lo:.1f}-{u_hi:.1f}) | {u_med / s_med:.2f}x |")
-        print(lines[-1], flush=True)
+        print(lines[-1], file=sys.stderr, flush=True)  # progress; the table goes to stdout
         del pair
         gc.collect()
     table = "\n".join(lines)

@@ -347,6 +347,10 @@ def plan(cfg: Config, num_devices: int, target: str = "h100", *, device_memory: 
     if len(jax.devices()) < num_devices:
         raise ConfigError(f"--devices {num_devices}: only {len(jax.devices())} devices are "
                           "visible (the CLI simulates them: jaxscale plan --devices N)")
+    for r in remats:
+        if r not in config_lib.REMAT_POLICIES:
+            raise ConfigError(f"--remat {r!r} is not a remat policy; choose from: "
+                              f"{', '.join(config_lib.REMAT_POLICIES)}")
     t = TARGETS[target]
     hbm = device_memory or t.hbm_bytes
     limit = hbm * usable_fraction

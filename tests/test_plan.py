@@ -70,6 +70,13 @@ def test_parse_bytes(text, value):
     assert plan_lib.parse_bytes(text) == value
 
 
+def test_unknown_target_and_remat_fail_before_compiling():
+    with pytest.raises(ConfigError, match="--target 'h1000' is not known"):
+        plan_lib.plan(_cfg(), 8, "h1000")
+    with pytest.raises(ConfigError, match="--remat 'ful' is not a remat policy"):
+        plan_lib.plan(_cfg(), 8, "h100", remats=("ful",))
+
+
 def test_parse_bytes_rejects_nonsense():
     with pytest.raises(ConfigError, match="--device-memory '80 apples' is not a size"):
         plan_lib.parse_bytes("80 apples")
@@ -130,8 +137,11 @@ def test_plan_command_simulates_the_devices(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert "on 4 x tpu-v5e" in out and "fsdp=4" in out and "data=4" in out
-    assert "recommendation:" in out
+    assert "plan: 2 layers x d_model 64, batch 16 x 16 tokens on 4 x tpu-v5e" in out
+    rows = [line for line in out.splitlines() if line.startswith(("dp ", "fsdp"))]
+    assert [r.split()[:4] for r in rows] == [["dp", "data=4", "full", "fits"],
+                                             ["fsdp", "fsdp=4", "full", "fits"]]
+    assert "recommendation:" in out and "invalid" not in out
 
 
 @pytest.mark.slow
