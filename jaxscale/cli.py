@@ -135,7 +135,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     result = plan(cfg, args.devices, args.target, device_memory=memory,
-                  remats=args.remat, usable_fraction=args.usable_fraction,
+                  remats=[r for r in args.remat.split(",") if r],
+                  usable_fraction=args.usable_fraction,
                   log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_plan(result))
     return EXIT_OK
@@ -216,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "tpu-v5e, tpu-v5p, tpu-v6e (default: h100)")
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="memory per device, e.g. 80GB or 74.5GiB (default: the target's)")
-    p.add_argument("--remat", nargs="+", default=["full", "minimal", "none"], metavar="POLICY",
-                   help="remat policies to try, least memory first (default: full minimal none)")
+    p.add_argument("--remat", default="full,minimal,none", metavar="POLICIES",
+                   help="comma-separated remat policies to try, least memory first (default: "
+                        "full,minimal,none)")
     p.add_argument("--usable-fraction", type=float, default=0.9,
                    help="share of device memory the step may use (default: 0.9)")
     p.set_defaults(func=cmd_plan)
