@@ -227,6 +227,7 @@ def _train(cfg: Config, model: nn.Module | None, cleanup: contextlib.ExitStack) 
         done = step + 1
         extra: dict[str, Any] = {}
         if is_eval_step(done):
+            jax.block_until_ready(state)  # the step's own time stays in the interval
             pause = time.perf_counter()
             extra["eval_loss"] = evaluate()
             interval.paused += time.perf_counter() - pause
