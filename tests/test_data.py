@@ -326,8 +326,7 @@ def test_sources_table_matches_the_config_choices():
 
 
 def test_hf_source_reads_a_local_dataset(tmp_path):
-    """data.source=hf on a local JSON-lines file (offline); needs the optional `datasets`."""
-    pytest.importorskip("datasets")
+    """data.source=hf on a local JSON-lines file (offline; `datasets` is in the dev extra)."""
     texts = [f"row {i}: " + "abc " * (i % 5 + 1) for i in range(30)]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
