@@ -24,6 +24,26 @@ def simulate_devices(count: int = 8) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def table_benchmark_args(argv, description: str, what: str):
+    """Arguments shared by the table benchmarks: --steps and --quick; simulates 8 devices."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--steps", type=int, default=10, help=f"timed steps per {what}")
+    p.add_argument("--quick", action="store_true", help="smaller model, 5 steps")
+    args = p.parse_args(argv)
+    simulate_devices(8)
+    return args
+
+
+def table_model_overrides(quick: bool) -> list[str]:
+    """The 4-layer float32 model the table benchmarks share (smaller with --quick)."""
+    size = (["model.d_model=128", "model.d_ff=512", "seq_len=128"] if quick else
+            ["model.d_model=256", "model.d_ff=1024", "seq_len=256"])
+    return ["model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=4", "batch_size=16",
+            "model.max_seq_len=256", "optim.warmup_steps=0", *size]
+
+
 class Step:
     """A jaxscale train step of one config, compiled ahead of time, with its state and a batch."""
 

@@ -11,10 +11,9 @@ of the partitioned HLO.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from common import median_spread, mib, round_robin, simulate_devices
+from common import median_spread, mib, round_robin, table_benchmark_args, table_model_overrides
 
 STRATEGIES = {
     "dp": ["mesh.data=8", "mesh.fsdp=1", "sharding.rules=dp"],
@@ -25,20 +24,13 @@ STRATEGIES = {
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per strategy")
-    p.add_argument("--quick", action="store_true", help="smaller model, 5 steps")
-    args = p.parse_args(argv)
-    simulate_devices(8)
+    args = table_benchmark_args(argv, __doc__.split("\n")[0], "strategy")
     from common import Step
 
     from jaxscale import config as config_lib
 
-    size = (["model.d_model=128", "model.d_ff=512", "seq_len=128"] if args.quick else
-            ["model.d_model=256", "model.d_ff=1024", "seq_len=256"])
     steps = 5 if args.quick else args.steps
-    base = ["model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=4", "batch_size=16",
-            "model.max_seq_len=256", "optim.warmup_steps=0", *size]
+    base = table_model_overrides(args.quick)
     runs = {name: Step(config_lib.load("tiny", [*base, *extra]))
             for name, extra in STRATEGIES.items()}
     times = round_robin(list(runs.values()), steps)

@@ -10,28 +10,21 @@ table: median step time with its spread, time and activation memory relative to 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from common import median_spread, mib, round_robin, simulate_devices
+from common import median_spread, mib, round_robin, table_benchmark_args, table_model_overrides
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per policy")
-    p.add_argument("--quick", action="store_true", help="smaller model, 5 steps")
-    args = p.parse_args(argv)
-    simulate_devices(8)
+    args = table_benchmark_args(argv, __doc__.split("\n")[0], "policy")
+    from common import Step
+
     from jaxscale import config as config_lib
     from jaxscale import remat
     from jaxscale.errors import ConfigError
 
-    size = (["model.d_model=128", "model.d_ff=512", "seq_len=128"] if args.quick else
-            ["model.d_model=256", "model.d_ff=1024", "seq_len=256"])
     steps = 5 if args.quick else args.steps
-    base = ["model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=4", "batch_size=16",
-            "model.max_seq_len=256", "mesh.fsdp=8", "optim.warmup_steps=0", *size]
-    from common import Step
+    base = [*table_model_overrides(args.quick), "mesh.fsdp=8"]
 
     runs, skipped = {}, []
     for policy in remat.POLICIES:
