@@ -88,20 +88,23 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
             # Backends without a known physical topology: keep the given order.
             grid = np.asarray(devices, dtype=object).reshape(shape)
     else:
-        by_slice = getattr(devices[0], "slice_index", None) is not None
-        granules = {d.slice_index if by_slice else d.process_index for d in devices}
-        if len(granules) != math.prod(dcn.values()):
+        # The DCN granules: slices (TPU pods), else processes (hosts of GPUs or CPUs).
+        num_slices = math.prod(dcn.values())
+        slices = {getattr(d, "slice_index", 0) for d in devices}
+        processes = {d.process_index for d in devices}
+        by_process = len(slices) != num_slices
+        if by_process and len(processes) != num_slices:
             raise ConfigError(
                 f"the dcn_* sizes ({_describe({'dcn_' + k: v for k, v in dcn.items() if v > 1})})"
-                f" ask for {math.prod(dcn.values())} {'slices' if by_slice else 'processes'} but "
-                f"the devices come from {len(granules)}; dcn_* > 1 is for multi-slice or "
-                "multi-host runs"
+                f" ask for {num_slices} slices or processes but the devices come from "
+                f"{len(slices)} slice(s) and {len(processes)} process(es); dcn_* > 1 is for "
+                "multi-slice or multi-host runs"
             )
         ici_shape = tuple(sizes[n] // dcn[n] for n in names)
         dcn_shape = tuple(dcn[n] for n in names)
         grid = mesh_utils.create_hybrid_device_mesh(
             ici_shape, dcn_shape, devices,
-            process_is_granule=getattr(devices[0], "slice_index", None) is None,
+            process_is_granule=by_process,
             allow_split_physical_axes=True,
         )
     return Mesh(grid, names)

@@ -94,7 +94,7 @@ def test_dcn_sizes_not_dividing_devices():
 
 
 def test_dcn_axis_needs_that_many_slices_or_processes():
-    msg = ("the dcn_* sizes (dcn_data=2) ask for 2 processes but the devices come from 1; "
-           "dcn_* > 1 is for multi-slice or multi-host runs")
+    msg = ("the dcn_* sizes (dcn_data=2) ask for 2 slices or processes but the devices come "
+           "from 1 slice(s) and 1 process(es); dcn_* > 1 is for multi-slice or multi-host runs")
     with pytest.raises(ConfigError, match=f"^{re.escape(msg)}$"):
         make_mesh(MeshConfig(fsdp=4, dcn_data=2))

@@ -177,6 +177,18 @@ def test_two_processes_train_like_one(one_process, two_processes):
     assert len(read_jsonl(workdir / "metrics.jsonl")) == 6
 
 
+def test_hybrid_mesh_spans_the_processes(tmp_path, corpus, one_process):
+    """mesh.dcn_data=2: the data axis crosses the processes (the data-centre network) and fsdp
+    stays within each (hsdp: parameters replicated across processes, sharded within one); the
+    same losses as one process of 8 devices with plain FSDP."""
+    workdir = tmp_path / "hybrid"
+    launch(2, workdir, corpus, "mesh.fsdp=4", "mesh.dcn_data=2", "sharding.rules=hsdp")
+    assert sorted(losses(workdir)) == sorted(losses(one_process)) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(list(losses(workdir).values()),
+                               list(losses(one_process).values()), rtol=1e-5)
+    assert "'data': 2, 'stage': 1, 'fsdp': 4" in (workdir / "process0.log").read_text()
+
+
 def test_each_process_loads_only_its_half(one_process, two_processes):
     workdir, _ = two_processes
     first, second = row_logs(workdir)
