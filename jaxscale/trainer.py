@@ -154,6 +154,10 @@ def _train(cfg: Config, model: nn.Module | None, cleanup: contextlib.ExitStack) 
 
     start_step = int(jax.device_get(state.step))
     if start_step >= cfg.steps:  # a finished run: nothing to train, its summary stays
+        if is_main:
+            print(f"jaxscale: {workdir} already holds step {start_step} of steps={cfg.steps}; "
+                  "nothing to train (raise steps= to continue, or pick a new workdir=)",
+                  flush=True)
         return state
     batches = train_data.iterator(start_step, state=data_state)
     first_batch = next(batches)

@@ -56,6 +56,18 @@ def test_metrics_jsonl_has_the_contract_fields(run):
     assert int(state.step) == 6
 
 
+def test_rerun_of_a_finished_run_says_so(run, corpus, capsys):
+    workdir, state = run
+    before = (workdir / "metrics.jsonl").read_text()
+    cfg = config_lib.load("tiny", SMALL + [
+        "steps=6", "log_every=2", "eval_every=3", f"workdir={workdir}", f"data.path={corpus}",
+    ])
+    again = train(cfg)
+    assert int(again.step) == 6
+    assert f"{workdir} already holds step 6 of steps=6; nothing to train" in capsys.readouterr().out
+    assert (workdir / "metrics.jsonl").read_text() == before
+
+
 def test_tensorboard_plot_summary_and_config_written(run):
     workdir, _ = run
     events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
