@@ -317,15 +317,21 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: LogicalRules) -> Any
       ShardingError: unknown logical name, unknown mesh axis, non-divisible dimension, or a mesh
         axis larger than 1 that no parameter and not the batch is sharded over.
     """
+    leaves, logical, shardings, treedef = _resolve_state(abstract_state, mesh, rules)
+    return jax.tree_util.tree_unflatten(treedef, shardings)
+
+
+def _resolve_state(abstract_state: Any, mesh: Mesh, rules: LogicalRules):
+    """(unboxed (path, leaf) pairs, logical axes, NamedShardings, treedef), all checks applied."""
     check_rules(rules, mesh)
     logical = jax.tree_util.tree_leaves(logical_axes_of(abstract_state))
     leaves, treedef = _unboxed_leaves(abstract_state)
-    out = []
+    shardings = []
     for (path, leaf), names in zip(leaves, logical, strict=True):
         what = f"parameter {path_str(path)!r}" if any(names) else f"state leaf {path_str(path)!r}"
-        out.append(named_sharding(mesh, names, rules, leaf.shape, what=what))
-    _check_mesh_used(mesh, rules, out)
-    return jax.tree_util.tree_unflatten(treedef, out)
+        shardings.append(named_sharding(mesh, names, rules, leaf.shape, what=what))
+    _check_mesh_used(mesh, rules, shardings)
+    return leaves, logical, shardings, treedef
 
 
 def _check_mesh_used(mesh: Mesh, rules: LogicalRules, shardings: list[NamedSharding]) -> None:
@@ -367,9 +373,7 @@ def bytes_per_device(shape: Sequence[int], dtype: Any, sharding: NamedSharding) 
 
 def sharding_report(abstract_state: Any, mesh: Mesh, rules: LogicalRules) -> list[ReportRow]:
     """One row per leaf of the train state: path, shape, logical axes, spec, bytes per device."""
-    shardings = jax.tree_util.tree_leaves(state_shardings(abstract_state, mesh, rules))
-    logical = jax.tree_util.tree_leaves(logical_axes_of(abstract_state))
-    leaves, _ = _unboxed_leaves(abstract_state)
+    leaves, logical, shardings, _ = _resolve_state(abstract_state, mesh, rules)
     rows = []
     for (path, leaf), names, sharding in zip(leaves, logical, shardings, strict=True):
         rows.append(ReportRow(

@@ -146,11 +146,15 @@ class DataPipeline:
         return self.to_global(self.local_batch(step))
 
     def iterator(self, start_step: int = 0, state: dict[str, Any] | None = None) -> DataIterator:
-        """Global batches from `start_step` (or from a saved `state`), read ahead in threads."""
-        it = DataIterator(self, start_step)
+        """Global batches from `start_step` (or from a saved `state`'s step), read ahead in threads.
+
+        Raises:
+          ConfigError: `state` describes a stream this pipeline cannot continue exactly.
+        """
         if state is not None:
-            it.set_state(state)
-        return it
+            self.check_state(state)
+            start_step = int(state["step"])
+        return DataIterator(self, start_step)
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Check that this pipeline continues the stream a saved iterator state describes.
