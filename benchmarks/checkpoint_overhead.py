@@ -58,13 +58,13 @@ def main(argv: list[str] | None = None) -> float:
     import numpy as np
 
     from jaxscale import config as config_lib
-    from jaxscale import sharding as shd
-    from jaxscale.checkpoint import Checkpointer
-    from jaxscale.mesh import make_mesh
+    from jaxscale.checkpoint.manager import Checkpointer
+    from jaxscale.core import sharding as shd
+    from jaxscale.core.mesh import make_mesh
+    from jaxscale.core.optim import make_optimizer, make_schedule
+    from jaxscale.core.state import abstract_state, init_state
+    from jaxscale.core.step import jit_step, make_train_step
     from jaxscale.models import build_model
-    from jaxscale.optim import make_optimizer, make_schedule
-    from jaxscale.state import abstract_state, init_state
-    from jaxscale.step import jit_step, make_train_step
 
     root = args.dir or tempfile.mkdtemp(prefix="jaxscale-ckpt-bench-")
     cfg = config_lib.load(args.config, [*args.overrides, f"workdir={root}", "progress=false"])

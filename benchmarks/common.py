@@ -51,13 +51,13 @@ class Step:
         import jax
         import numpy as np
 
-        from jaxscale import hlo, metrics
-        from jaxscale import sharding as shd
-        from jaxscale.mesh import make_mesh
+        from jaxscale.analysis import hlo, metrics
+        from jaxscale.core import sharding as shd
+        from jaxscale.core.mesh import make_mesh
+        from jaxscale.core.optim import make_optimizer
+        from jaxscale.core.state import init_state
+        from jaxscale.core.step import jit_step, make_train_step
         from jaxscale.models import build_model
-        from jaxscale.optim import make_optimizer
-        from jaxscale.state import init_state
-        from jaxscale.step import jit_step, make_train_step
 
         self.cfg = cfg
         mesh = make_mesh(cfg.mesh)
@@ -78,7 +78,7 @@ class Step:
         self.compile_s = time.perf_counter() - start
         self.stats = metrics.compiled_stats(self.compiled)
         self.rows = shd.sharding_report(
-            __import__("jaxscale.state", fromlist=["abstract_state"]).abstract_state(
+            __import__("jaxscale.core.state", fromlist=["abstract_state"]).abstract_state(
                 model, tx, cfg.seq_len), mesh, rules)
         self.collectives = hlo.summarize(hlo.collectives(self.compiled.as_text(),
                                                          mesh.devices.size))

@@ -55,14 +55,14 @@ def main() -> None:
 
     import jax
 
-    from jaxscale import sharding as shd
+    from jaxscale.core import sharding as shd
+    from jaxscale.core.mesh import make_mesh
+    from jaxscale.core.optim import make_optimizer, make_schedule
+    from jaxscale.core.state import init_state
+    from jaxscale.core.step import jit_step, make_train_step
     from jaxscale.data import make_pipelines
     from jaxscale.data.prepare import prepare
-    from jaxscale.mesh import make_mesh
     from jaxscale.models import build_model
-    from jaxscale.optim import make_optimizer, make_schedule
-    from jaxscale.state import init_state
-    from jaxscale.step import jit_step, make_train_step
 
     mesh = make_mesh(base.mesh)
     rules = shd.resolve_rules(base.sharding.rules)

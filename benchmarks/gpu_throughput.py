@@ -6,7 +6,7 @@ warm steps with async dispatch (block only at the end of each timed window) and 
 step time, MFU (causal count; the non-causal 6N+12LHQT figure too), MFU against the measured bf16
 matmul rate, peak memory and the attention kernel in the compiled HLO. Each candidate that beats
 the best MFU so far for its model is profiled (jax.profiler) and the trace summarised by kernel
-category (jaxscale.tracing).
+category (jaxscale.analysis.tracing).
 
     python benchmarks/gpu_throughput.py                      # the sweep (scripts/gpu_benchmark.sh)
     python benchmarks/gpu_throughput.py --tiny --out /tmp/g  # the same path on the CPU, tiny
@@ -140,13 +140,14 @@ def build(cand: Candidate, tiny: bool):
     import numpy as np
 
     from jaxscale import config as config_lib
-    from jaxscale import metrics, sharding
+    from jaxscale.analysis import metrics
     from jaxscale.config import MeshConfig
-    from jaxscale.mesh import make_mesh
+    from jaxscale.core import sharding
+    from jaxscale.core.mesh import make_mesh
+    from jaxscale.core.optim import make_optimizer, make_schedule
+    from jaxscale.core.state import abstract_state
+    from jaxscale.core.step import jit_step, make_train_step
     from jaxscale.models import build_model
-    from jaxscale.optim import make_optimizer, make_schedule
-    from jaxscale.state import abstract_state
-    from jaxscale.step import jit_step, make_train_step
 
     overrides = [f"batch_size={cand.batch}", f"seq_len={cand.seq_len}",
                  f"model.remat={cand.remat}", "mesh.fsdp=1", *cand.overrides]
@@ -160,7 +161,7 @@ def build(cand: Candidate, tiny: bool):
     batch_sharding = sharding.batch_sharding(mesh, rules)
     step = jit_step(make_train_step(model, tx, learning_rate_fn=make_schedule(cfg.optim, cfg.steps),
                                     mesh=mesh, rules=rules), shardings, batch_sharding)
-    from jaxscale.state import unbox
+    from jaxscale.core.state import unbox
 
     abstract_unboxed = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unbox(abstract), shardings)
@@ -179,8 +180,8 @@ def run_candidate(cand: Candidate, args, peak: float, measured: float, out: path
     import jax
     import numpy as np
 
-    from jaxscale import metrics
-    from jaxscale.state import init_state
+    from jaxscale.analysis import metrics
+    from jaxscale.core.state import init_state
 
     (cfg, mesh, rules, model, tx, shardings, batch_sharding, compiled, compile_s,
      stats) = build(cand, args.tiny)
@@ -235,7 +236,7 @@ def profile(result: dict, run: tuple, args, out: pathlib.Path) -> str:
     """Trace a few steps; write and return the per-category summary."""
     import jax
 
-    from jaxscale.tracing import summarize_trace
+    from jaxscale.analysis.tracing import summarize_trace
 
     compiled, state, batch, rng = run
     trace_dir = out / f"trace_{result['model']}"
@@ -313,7 +314,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
-    from jaxscale import metrics
+    from jaxscale.analysis import metrics
 
     peak = metrics.peak_flops_per_device(device)
     measured = measure_bf16_matmul(512 if args.tiny else 8192)

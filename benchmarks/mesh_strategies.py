@@ -62,7 +62,7 @@ def main(argv=None) -> str:
 
 
 def _collectives(step):
-    from jaxscale import hlo
+    from jaxscale.analysis import hlo
 
     return hlo.collectives(step.compiled.as_text(), 8)
 

@@ -20,7 +20,7 @@ def main(argv=None) -> str:
     from common import Step
 
     from jaxscale import config as config_lib
-    from jaxscale import remat
+    from jaxscale.core import remat
     from jaxscale.errors import ConfigError
 
     steps = 5 if args.quick else args.steps

@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> float:
     import numpy as np
     import optax
 
-    from jaxscale import metrics, optim
-    from jaxscale import sharding as shd
+    from jaxscale.analysis import metrics
     from jaxscale.config import MeshConfig, ModelConfig, OptimConfig
-    from jaxscale.mesh import make_mesh
+    from jaxscale.core import optim
+    from jaxscale.core import sharding as shd
+    from jaxscale.core.mesh import make_mesh
+    from jaxscale.core.state import init_state
+    from jaxscale.core.step import jit_step, make_train_step
     from jaxscale.models import build_model
-    from jaxscale.state import init_state
-    from jaxscale.step import jit_step, make_train_step
 
     model_cfg = ModelConfig(
         num_layers=args.layers, d_model=args.d_model, num_heads=args.heads, d_ff=args.d_ff,

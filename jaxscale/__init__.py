@@ -19,35 +19,45 @@ _EXPORTS = {
     "NonFiniteError": "jaxscale.errors",
     "CheckpointError": "jaxscale.errors",
     "Preempted": "jaxscale.errors",
-    "Checkpointer": "jaxscale.checkpoint",
+    "Checkpointer": "jaxscale.checkpoint.manager",
     "MeshConfig": "jaxscale.config",
     "ModelConfig": "jaxscale.config",
     "OptimConfig": "jaxscale.config",
-    "make_mesh": "jaxscale.mesh",
-    "LogicalRules": "jaxscale.sharding",
-    "RULE_PRESETS": "jaxscale.sharding",
-    "resolve_rules": "jaxscale.sharding",
-    "state_shardings": "jaxscale.sharding",
-    "batch_sharding": "jaxscale.sharding",
-    "constrain": "jaxscale.sharding",
-    "sharding_report": "jaxscale.sharding",
-    "format_report": "jaxscale.sharding",
-    "make_optimizer": "jaxscale.optim",
-    "make_schedule": "jaxscale.optim",
-    "TrainState": "jaxscale.state",
-    "init_state": "jaxscale.state",
-    "abstract_state": "jaxscale.state",
-    "make_train_step": "jaxscale.step",
-    "make_eval_step": "jaxscale.step",
-    "jit_step": "jaxscale.step",
-    "lm_loss": "jaxscale.step",
-    "LossOutput": "jaxscale.step",
+    "make_mesh": "jaxscale.core.mesh",
+    "LogicalRules": "jaxscale.core.sharding",
+    "RULE_PRESETS": "jaxscale.core.sharding",
+    "resolve_rules": "jaxscale.core.sharding",
+    "state_shardings": "jaxscale.core.sharding",
+    "batch_sharding": "jaxscale.core.sharding",
+    "constrain": "jaxscale.core.sharding",
+    "sharding_report": "jaxscale.core.sharding",
+    "format_report": "jaxscale.core.sharding",
+    "make_optimizer": "jaxscale.core.optim",
+    "make_schedule": "jaxscale.core.optim",
+    "TrainState": "jaxscale.core.state",
+    "init_state": "jaxscale.core.state",
+    "abstract_state": "jaxscale.core.state",
+    "make_train_step": "jaxscale.core.step",
+    "make_eval_step": "jaxscale.core.step",
+    "jit_step": "jaxscale.core.step",
+    "lm_loss": "jaxscale.core.step",
+    "LossOutput": "jaxscale.core.step",
     "build_model": "jaxscale.models",
-    "train": "jaxscale.trainer",
+    "train": "jaxscale.run.loop",
 }
-_SUBMODULES = {"config", "mesh", "sharding", "remat", "optim", "state", "step", "models", "data",
-               "metrics", "trainer", "cli", "plot", "errors", "distributed", "watchdog",
-               "checkpoint", "preemption"}
+# `jaxscale.<name>` -> the module it names (the flat names of earlier versions included)
+_SUBMODULES = {
+    "config": "jaxscale.config", "errors": "jaxscale.errors", "cli": "jaxscale.cli",
+    "core": "jaxscale.core", "tasks": "jaxscale.tasks", "models": "jaxscale.models",
+    "data": "jaxscale.data", "checkpoint": "jaxscale.checkpoint", "run": "jaxscale.run",
+    "analysis": "jaxscale.analysis",
+    "mesh": "jaxscale.core.mesh", "sharding": "jaxscale.core.sharding",
+    "remat": "jaxscale.core.remat", "optim": "jaxscale.core.optim",
+    "state": "jaxscale.core.state", "step": "jaxscale.core.step",
+    "metrics": "jaxscale.analysis.metrics", "plot": "jaxscale.analysis.plot",
+    "trainer": "jaxscale.run.loop", "distributed": "jaxscale.run.distributed",
+    "watchdog": "jaxscale.run.watchdog", "preemption": "jaxscale.run.preemption",
+}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
@@ -56,24 +66,16 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     if name in _SUBMODULES:
-        return importlib.import_module(f"jaxscale.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     raise AttributeError(f"module 'jaxscale' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from jaxscale.checkpoint import Checkpointer  # noqa: F401
+    from jaxscale.checkpoint.manager import Checkpointer  # noqa: F401
     from jaxscale.config import Config, MeshConfig, ModelConfig, OptimConfig  # noqa: F401
-    from jaxscale.errors import (  # noqa: F401
-        CheckpointError,
-        ConfigError,
-        NonFiniteError,
-        Preempted,
-        ShardingError,
-    )
-    from jaxscale.mesh import make_mesh  # noqa: F401
-    from jaxscale.models import build_model  # noqa: F401
-    from jaxscale.optim import make_optimizer, make_schedule  # noqa: F401
-    from jaxscale.sharding import (  # noqa: F401
+    from jaxscale.core.mesh import make_mesh  # noqa: F401
+    from jaxscale.core.optim import make_optimizer, make_schedule  # noqa: F401
+    from jaxscale.core.sharding import (  # noqa: F401
         RULE_PRESETS,
         LogicalRules,
         batch_sharding,
@@ -83,6 +85,14 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         sharding_report,
         state_shardings,
     )
-    from jaxscale.state import TrainState, abstract_state, init_state  # noqa: F401
-    from jaxscale.step import LossOutput, jit_step, lm_loss, make_eval_step, make_train_step  # noqa: F401
-    from jaxscale.trainer import train  # noqa: F401
+    from jaxscale.core.state import TrainState, abstract_state, init_state  # noqa: F401
+    from jaxscale.core.step import LossOutput, jit_step, lm_loss, make_eval_step, make_train_step  # noqa: F401
+    from jaxscale.errors import (  # noqa: F401
+        CheckpointError,
+        ConfigError,
+        NonFiniteError,
+        Preempted,
+        ShardingError,
+    )
+    from jaxscale.models import build_model  # noqa: F401
+    from jaxscale.run.loop import train  # noqa: F401

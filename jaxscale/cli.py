@@ -82,7 +82,7 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
 
 def _start_processes(args: argparse.Namespace) -> None:
     """Join the multi-process job, if this is one (before any other jax work)."""
-    from jaxscale import distributed
+    from jaxscale.run import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                            cpu=True if args.cpu_devices is not None else None)
@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     set_cpu_devices(args.cpu_devices)
     apply_gpu_flags()  # XLA flags that overlap collectives with compute (GPU runs only)
     _start_processes(args)
-    from jaxscale.trainer import train
+    from jaxscale.run.loop import train
 
     train(cfg)
     return EXIT_OK
@@ -120,7 +120,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = config_lib.load(args.config, args.overrides)
     set_cpu_devices(args.cpu_devices)
-    from jaxscale.inspection import inspect_config
+    from jaxscale.analysis.inspection import inspect_config
 
     print(inspect_config(cfg, replicated_warn_bytes=args.warn_replicated_bytes).format())
     return EXIT_OK
@@ -131,7 +131,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.devices < 1:
         raise ConfigError(f"--devices {args.devices} must be positive")
     set_cpu_devices(args.devices)  # N simulated devices: the plan compiles for N, allocates none
-    from jaxscale.plan import format_plan, parse_bytes, plan
+    from jaxscale.analysis.plan import format_plan, parse_bytes, plan
 
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     result = plan(cfg, args.devices, args.target, device_memory=memory,
@@ -143,7 +143,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from jaxscale.plot import plot_run
+    from jaxscale.analysis.plot import plot_run
 
     print(plot_run(args.workdir, args.out))
     return EXIT_OK

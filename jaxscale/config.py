@@ -60,7 +60,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (master weights)
     scan_layers: bool = True  # nn.scan over a stacked layer axis (fast compile) vs unrolled
-    remat: str = "none"  # rematerialization policy name (jaxscale.remat.POLICIES)
+    remat: str = "none"  # rematerialization policy name (jaxscale.core.remat.POLICIES)
     attention: str = "auto"  # auto (cudnn on GPU when possible) | xla | cudnn | reference
     init_std: float = 0.02  # stddev of the normal initialiser of dense and embedding weights
 

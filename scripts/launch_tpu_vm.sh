@@ -5,7 +5,7 @@
 #       mesh.fsdp=-1 workdir=gs://my-bucket/runs/llama-8b
 #
 # Runs the same command on all workers (gcloud ... --worker=all). Each process finds its place in
-# the slice from the TPU runtime (jaxscale.distributed: JAX's TPU detection reads the VM
+# the slice from the TPU runtime (jaxscale.run.distributed: JAX's TPU detection reads the VM
 # metadata), so no flag differs between hosts. Process 0 writes metrics and logs; checkpoints
 # need storage every host can reach (a gs:// workdir or checkpoint.dir).
 #

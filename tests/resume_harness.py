@@ -79,7 +79,7 @@ def install(env=os.environ, setattr_=setattr) -> None:
         setattr_(pipeline.DataIterator, "__next__", logged_next)
 
     if env.get("JAXSCALE_TEST_NO_PLOT"):
-        from jaxscale import trainer
+        from jaxscale.run import loop as trainer
 
         setattr_(trainer, "_plot", lambda workdir, logger: None)
 

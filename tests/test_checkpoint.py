@@ -13,14 +13,14 @@ import resume_harness
 from util import random_batch
 
 from jaxscale import config as config_lib
-from jaxscale import sharding as shd
-from jaxscale.checkpoint import Checkpointer, checkpoint_dir
+from jaxscale.checkpoint.manager import Checkpointer, checkpoint_dir
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
+from jaxscale.core.optim import make_optimizer
+from jaxscale.core.state import abstract_state, init_state, unbox
+from jaxscale.core.step import jit_step, make_train_step
 from jaxscale.errors import CheckpointError
-from jaxscale.mesh import make_mesh
 from jaxscale.models import build_model
-from jaxscale.optim import make_optimizer
-from jaxscale.state import abstract_state, init_state, unbox
-from jaxscale.step import jit_step, make_train_step
 
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
          "model.d_ff=64", "model.vocab_size=64", "seq_len=16", "batch_size=16",

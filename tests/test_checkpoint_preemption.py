@@ -13,7 +13,7 @@ import pytest
 from test_checkpoint import DP8, RNG, Setup, data_state, make_cfg
 
 from jaxscale.errors import Preempted
-from jaxscale.preemption import StopWatch
+from jaxscale.run.preemption import StopWatch
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -77,7 +77,7 @@ import os, sys, time
 import jax
 port, index, progress = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=index)
-from jaxscale.preemption import StopWatch
+from jaxscale.run.preemption import StopWatch
 watch = StopWatch(sync_every=5)
 for step in range(1, 100_000):
     time.sleep(0.01 * (index + 1))  # process 1 is the slower one

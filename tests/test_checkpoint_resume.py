@@ -19,7 +19,7 @@ import pytest
 import resume_harness
 
 from jaxscale import cli
-from jaxscale.metrics import read_jsonl
+from jaxscale.analysis.metrics import read_jsonl
 
 HARNESS = str(pathlib.Path(__file__).with_name("resume_harness.py"))
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",

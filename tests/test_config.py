@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from jaxscale import config as config_lib
-from jaxscale import optim, remat, sharding
 from jaxscale.config import Config, ConfigError
+from jaxscale.core import optim, remat, sharding
 
 
 def test_presets_ship_and_load():

@@ -14,8 +14,9 @@ from util import tiny_model_config
 
 from jaxscale import config as config_lib
 from jaxscale import data as data_lib
-from jaxscale import sharding as shd
 from jaxscale.config import ConfigError, MeshConfig
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
 from jaxscale.data.documents import document_key, split_documents, text_documents
 from jaxscale.data.pipeline import DataPipeline, row_hashes
 from jaxscale.data.sources import (
@@ -27,7 +28,6 @@ from jaxscale.data.sources import (
     window_records,
 )
 from jaxscale.data.tokenizers import ByteTokenizer
-from jaxscale.mesh import make_mesh
 from jaxscale.models import build_model
 
 DOCS = [np.arange(1, 6), np.arange(10, 13), np.arange(20, 29), np.arange(30, 32)]  # 5, 3, 9, 2

@@ -1,4 +1,4 @@
-"""jaxscale.distributed: the job layout from flags, JAXSCALE_* variables, SLURM, Kubernetes JobSet
+"""jaxscale.run.distributed: the job layout from flags, JAXSCALE_* variables, SLURM, JobSet
 and TPU VMs, and one-line errors for incomplete or inconsistent layouts. (The runtime itself is
 started in tests/test_multiprocess.py.)"""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from jaxscale import cli
-from jaxscale import distributed as dist
 from jaxscale.config import ConfigError
-from jaxscale.distributed import Cluster
+from jaxscale.run import distributed as dist
+from jaxscale.run.distributed import Cluster
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
          "SLURM_STEP_NODELIST": "gpu[017-018,020],login1"}

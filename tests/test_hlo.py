@@ -4,7 +4,7 @@ and XLA's involuntary-rematerialization log lines."""
 
 import pytest
 
-from jaxscale import hlo
+from jaxscale.analysis import hlo
 
 # A hand-written partitioned module in the shapes XLA prints (CPU and GPU spellings mixed).
 MODULE = """\

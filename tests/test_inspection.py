@@ -8,9 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from jaxscale import cli, hlo
+from jaxscale import cli
 from jaxscale import config as config_lib
-from jaxscale.inspection import capture_stderr, compile_step, inspect_compiled
+from jaxscale.analysis import hlo
+from jaxscale.analysis.inspection import capture_stderr, compile_step, inspect_compiled
 
 SMALL = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2",
          "model.d_ff=128", "seq_len=16", "batch_size=16"]

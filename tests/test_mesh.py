@@ -1,4 +1,4 @@
-"""jaxscale.mesh: axis sizes, the -1 axis, device layout and the errors for impossible meshes."""
+"""jaxscale.core.mesh: axis sizes, the -1 axis, device layout and errors for impossible meshes."""
 
 import re
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxscale.config import ConfigError, MeshConfig
-from jaxscale.mesh import make_mesh, resolve_sizes
+from jaxscale.core.mesh import make_mesh, resolve_sizes
 
 AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")
 

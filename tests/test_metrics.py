@@ -8,9 +8,10 @@ import pytest
 from util import random_batch
 
 from jaxscale import config as config_lib
-from jaxscale import metrics, optim, sharding, state, step
+from jaxscale.analysis import metrics
 from jaxscale.config import MeshConfig, OptimConfig
-from jaxscale.mesh import make_mesh
+from jaxscale.core import optim, sharding, state, step
+from jaxscale.core.mesh import make_mesh
 from jaxscale.models import build_model
 
 

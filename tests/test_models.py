@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from util import random_batch, tiny_model_config
 
-from jaxscale import optim
-from jaxscale import sharding as shd
 from jaxscale.config import ConfigError, MeshConfig, ModelConfig, OptimConfig
-from jaxscale.mesh import make_mesh
+from jaxscale.core import optim
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
+from jaxscale.core.state import init_state, num_params
+from jaxscale.core.step import jit_step, make_train_step
 from jaxscale.models import MODELS, build_model, register
 from jaxscale.models.decoder import attention
-from jaxscale.state import init_state, num_params
-from jaxscale.step import jit_step, make_train_step
 
 SEQ = 16
 STYLES = {

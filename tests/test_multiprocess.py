@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from jaxscale import cli
-from jaxscale.metrics import read_jsonl
+from jaxscale.analysis.metrics import read_jsonl
 
 pytestmark = pytest.mark.multiprocess
 

@@ -1,4 +1,4 @@
-"""jaxscale.optim: every optimizer descends, schedules hit their values, clipping, the weight
+"""jaxscale.core.optim: every optimizer descends, schedules hit their values, clipping, the weight
 decay mask, moment dtypes and the errors for unknown names."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from util import tiny_model_config
 
 from jaxscale import config
 from jaxscale.config import ConfigError, OptimConfig
+from jaxscale.core.optim import OPTIMIZERS, SCHEDULES, decay_mask, make_optimizer, make_schedule
+from jaxscale.core.sharding import path_str
 from jaxscale.models import build_model
-from jaxscale.optim import OPTIMIZERS, SCHEDULES, decay_mask, make_optimizer, make_schedule
-from jaxscale.sharding import path_str
 
 # (name, settings): every optimizer, sgd both with momentum and plain.
 OPTIMIZER_CASES = {

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from jaxscale import config as config_lib
-from jaxscale import hlo
-from jaxscale import plan as plan_lib
+from jaxscale.analysis import hlo
+from jaxscale.analysis import plan as plan_lib
 from jaxscale.errors import ConfigError
 
 SMALL = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2",

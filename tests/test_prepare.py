@@ -14,14 +14,14 @@ from test_tokenizers import project_sources, train_bpe
 from jaxscale import cli
 from jaxscale import config as config_lib
 from jaxscale import data as data_lib
-from jaxscale import sharding as shd
+from jaxscale.analysis.metrics import read_jsonl
 from jaxscale.config import ConfigError, MeshConfig
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
 from jaxscale.data.documents import text_documents
 from jaxscale.data.pipeline import row_hashes
 from jaxscale.data.prepare import prepare
 from jaxscale.data.shards import open_shards
-from jaxscale.mesh import make_mesh
-from jaxscale.metrics import read_jsonl
 
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
          "model.d_ff=64", "seq_len=16", "batch_size=16", "eval_batches=1", "progress=false",

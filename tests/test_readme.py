@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from jaxscale.metrics import read_jsonl
+from jaxscale.analysis.metrics import read_jsonl
 
 ROOT = pathlib.Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

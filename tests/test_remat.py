@@ -1,4 +1,4 @@
-"""jaxscale.remat: every policy computes the same gradients, saves what it says, and errors."""
+"""jaxscale.core.remat: every policy computes the same gradients, saves what it says, and errors."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from util import random_batch, tiny_model_config
 
-from jaxscale import config, remat
-from jaxscale import sharding as shd
+from jaxscale import config
 from jaxscale.config import ConfigError, MeshConfig, ModelConfig, OptimConfig
-from jaxscale.mesh import make_mesh
+from jaxscale.core import remat
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
+from jaxscale.core.optim import make_optimizer
+from jaxscale.core.state import TrainState, abstract_state
+from jaxscale.core.step import jit_step, lm_loss, make_train_step
 from jaxscale.models import build_model
-from jaxscale.optim import make_optimizer
-from jaxscale.state import TrainState, abstract_state
-from jaxscale.step import jit_step, lm_loss, make_train_step
 
 B, T = 8, 16
 BATCH = random_batch(B, T, seed=0)

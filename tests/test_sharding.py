@@ -1,4 +1,4 @@
-"""jaxscale.sharding: rule resolution (first match wins), state shardings and every error."""
+"""jaxscale.core.sharding: rule resolution (first match wins), state shardings and every error."""
 
 import re
 
@@ -10,12 +10,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from util import tiny_model_config
 
-from jaxscale import optim
-from jaxscale import sharding as shd
 from jaxscale.config import ConfigError, MeshConfig, OptimConfig
-from jaxscale.mesh import make_mesh
+from jaxscale.core import optim
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
+from jaxscale.core.state import abstract_state
 from jaxscale.models import build_model
-from jaxscale.state import abstract_state
 
 BATCH = ("data", "fsdp")
 

@@ -1,4 +1,4 @@
-"""jaxscale.state: parameters and optimizer state are born sharded.
+"""jaxscale.core.state: parameters and optimizer state are born sharded.
 
 That init_state gives the same values on every mesh is checked in test_step.py, which initialises
 on all five meshes anyway.
@@ -8,12 +8,12 @@ import jax
 import pytest
 from util import tiny_model_config
 
-from jaxscale import optim
-from jaxscale import sharding as shd
 from jaxscale.config import MeshConfig, OptimConfig
-from jaxscale.mesh import make_mesh
+from jaxscale.core import optim
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
+from jaxscale.core.state import TrainState, abstract_state, init_state, num_params
 from jaxscale.models import build_model
-from jaxscale.state import TrainState, abstract_state, init_state, num_params
 
 CFG = tiny_model_config()  # L=2, D=32, N=4 heads, K=2 kv heads, H=8, F=64, V=64
 L, D, N, K, F, V = 2, CFG.d_model, CFG.num_heads, CFG.num_kv_heads, CFG.d_ff, CFG.vocab_size

@@ -1,4 +1,4 @@
-"""jaxscale.step: mesh equivalence, gradient accumulation, loss masking, per-step RNG, the
+"""jaxscale.core.step: mesh equivalence, gradient accumulation, loss masking, per-step RNG, the
 non-finite guard, and a third-party model through the builder.
 
 The equivalence runs use SGD with momentum, not Adam: Adam's update is invariant to the scale of
@@ -18,13 +18,12 @@ import optax
 import pytest
 from util import random_batch, tiny_model_config
 
-from jaxscale import optim
-from jaxscale import sharding as shd
 from jaxscale.config import MeshConfig, OptimConfig
-from jaxscale.mesh import make_mesh
-from jaxscale.models import build_model
-from jaxscale.state import init_state
-from jaxscale.step import (
+from jaxscale.core import optim
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
+from jaxscale.core.state import init_state
+from jaxscale.core.step import (
     eval_sums_zero,
     finish_eval,
     jit_eval_step,
@@ -33,6 +32,7 @@ from jaxscale.step import (
     make_eval_step,
     make_train_step,
 )
+from jaxscale.models import build_model
 
 SEQ = 16
 MODEL_CFG = tiny_model_config()  # fp32, num_heads=4, num_kv_heads=2: tensor=2 divides both

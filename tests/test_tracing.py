@@ -6,9 +6,9 @@ import pathlib
 import pytest
 
 from jaxscale import config as config_lib
-from jaxscale import tracing
+from jaxscale.analysis import tracing
 from jaxscale.errors import ConfigError
-from jaxscale.trainer import train
+from jaxscale.run.loop import train
 
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
          "model.d_ff=64", "seq_len=16", "batch_size=16", "eval_batches=1", "progress=false",

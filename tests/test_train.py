@@ -13,8 +13,8 @@ import yaml
 
 from jaxscale import cli
 from jaxscale import config as config_lib
-from jaxscale.metrics import read_jsonl
-from jaxscale.trainer import train
+from jaxscale.analysis.metrics import read_jsonl
+from jaxscale.run.loop import train
 
 CONTRACT = ("step", "loss", "grad_norm", "learning_rate", "tokens_per_sec", "step_time_s", "mfu",
             "tflops_per_device")

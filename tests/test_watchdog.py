@@ -1,4 +1,4 @@
-"""jaxscale.watchdog: a step that runs far past the median step time dumps every thread's stack
+"""jaxscale.run.watchdog: a step that runs far past the median step time dumps every thread's stack
 and ends the process with exit code 5; a slow step that finishes in time does not; a hung step
 in a real training run (an injected host callback that never returns) ends the run."""
 
@@ -16,7 +16,7 @@ import pytest
 from jaxscale import cli
 from jaxscale import config as config_lib
 from jaxscale.config import ConfigError, WatchdogConfig
-from jaxscale.watchdog import EXIT_CODE, Watchdog, start_watchdog, thread_stacks
+from jaxscale.run.watchdog import EXIT_CODE, Watchdog, start_watchdog, thread_stacks
 
 
 class FakeSteps:
@@ -184,7 +184,7 @@ HUNG_RUN = """
 import sys, time
 import jax
 import jax.numpy as jnp
-import jaxscale.step as step_lib
+import jaxscale.core.step as step_lib
 from jaxscale import cli
 
 calls = [0]

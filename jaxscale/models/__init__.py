@@ -9,7 +9,7 @@ The interface (any Flax linen module that meets it trains with jaxscale):
 
 * parameters are created with `nn.with_logical_partitioning(init, names)`, one logical name (or
   None) per dimension; with `nn.scan`, pass `metadata_params={nn.PARTITION_NAME: "layers"}`;
-* activations may be constrained with `jaxscale.sharding.constrain` (or Flax's
+* activations may be constrained with `jaxscale.core.sharding.constrain` (or Flax's
   `nn.with_logical_constraint`) by logical names;
 * `positions_BT` restart at 0 at each packed document, and `segment_ids_BT` (when given) must keep
   attention within a document; dropout draws from the "dropout" RNG stream.

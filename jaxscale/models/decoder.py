@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxscale import remat
 from jaxscale.config import ModelConfig
-from jaxscale.sharding import constrain
+from jaxscale.core import remat
+from jaxscale.core.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from jaxscale.metrics import read_jsonl
+from jaxscale.analysis.metrics import read_jsonl
 
 
 def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> pathlib.Path:

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from jaxscale import sharding as shd
-from jaxscale.state import TrainState
+from jaxscale.core import sharding as shd
+from jaxscale.core.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

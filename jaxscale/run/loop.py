@@ -20,17 +20,14 @@ import flax.linen as nn
 import jax
 
 from jaxscale import config as config_lib
-from jaxscale import metrics as metrics_lib
-from jaxscale import sharding as shd
-from jaxscale.checkpoint import Checkpointer
+from jaxscale.analysis import metrics as metrics_lib
+from jaxscale.checkpoint.manager import Checkpointer
 from jaxscale.config import Config, ConfigError
-from jaxscale.data import make_pipelines
-from jaxscale.errors import NonFiniteError
-from jaxscale.mesh import make_mesh
-from jaxscale.models import build_model
-from jaxscale.optim import make_optimizer, make_schedule
-from jaxscale.state import TrainState, abstract_state, init_state, num_params
-from jaxscale.step import (
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
+from jaxscale.core.optim import make_optimizer, make_schedule
+from jaxscale.core.state import TrainState, abstract_state, init_state, num_params
+from jaxscale.core.step import (
     eval_sums_zero,
     finish_eval,
     jit_eval_step,
@@ -38,7 +35,10 @@ from jaxscale.step import (
     make_eval_step,
     make_train_step,
 )
-from jaxscale.watchdog import start_watchdog
+from jaxscale.data import make_pipelines
+from jaxscale.errors import NonFiniteError
+from jaxscale.models import build_model
+from jaxscale.run.watchdog import start_watchdog
 
 
 def check_batch(cfg: Config, mesh: jax.sharding.Mesh, rules: shd.LogicalRules) -> None:
@@ -299,7 +299,7 @@ def _format_summary(s: dict[str, Any]) -> str:
 
 
 def _plot(workdir: pathlib.Path, logger: metrics_lib.MetricsLogger) -> None:
-    from jaxscale.plot import plot_run
+    from jaxscale.analysis.plot import plot_run
 
     try:
         logger.log(f"plot: {plot_run(workdir)}")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxscale import sharding as shd
+from jaxscale.core import sharding as shd
 
 
 @flax.struct.dataclass

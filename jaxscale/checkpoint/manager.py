@@ -30,12 +30,12 @@ from jax.sharding import Mesh
 
 import jaxscale
 from jaxscale import config as config_lib
+from jaxscale.checkpoint.checks import check_resumable, check_tree, corrupt_error
 from jaxscale.config import Config
+from jaxscale.core.sharding import path_str
+from jaxscale.core.state import TrainState, unbox
 from jaxscale.errors import CheckpointError, Preempted
-from jaxscale.preemption import StopWatch
-from jaxscale.restore_checks import check_resumable, check_tree, corrupt_error
-from jaxscale.sharding import path_str
-from jaxscale.state import TrainState, unbox
+from jaxscale.run.preemption import StopWatch
 
 _JSON_ITEMS = ("data", "rng", "meta")
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxscale.config import ConfigError, OptimConfig
-from jaxscale.sharding import path_str
+from jaxscale.core.sharding import path_str
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -25,14 +25,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxscale import hlo, metrics
-from jaxscale import sharding as shd
+from jaxscale.analysis import hlo, metrics
 from jaxscale.config import Config
-from jaxscale.mesh import make_mesh
+from jaxscale.core import sharding as shd
+from jaxscale.core.mesh import make_mesh
+from jaxscale.core.optim import make_optimizer, make_schedule
+from jaxscale.core.state import abstract_state, unbox
+from jaxscale.core.step import jit_step, make_train_step
 from jaxscale.models import build_model
-from jaxscale.optim import make_optimizer, make_schedule
-from jaxscale.state import abstract_state, unbox
-from jaxscale.step import jit_step, make_train_step
 
 # The keys of a training batch as the data pipelines produce them (all [B, T] int32).
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -93,7 +93,7 @@ def compile_step(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Compiled
     Raises:
       ConfigError / ShardingError: the same checks as training, before compiling.
     """
-    from jaxscale.trainer import check_batch
+    from jaxscale.run.loop import check_batch
 
     mesh = mesh or make_mesh(cfg.mesh)
     rules = shd.resolve_rules(cfg.sharding.rules)

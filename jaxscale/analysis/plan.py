@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxscale import config as config_lib
-from jaxscale import hlo, metrics
-from jaxscale import sharding as shd
+from jaxscale.analysis import hlo, metrics
 from jaxscale.config import Config, ConfigError
+from jaxscale.core import sharding as shd
 from jaxscale.errors import ShardingError
 
 
@@ -291,9 +291,9 @@ def _attention(fused: bool) -> Iterator[None]:
 def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
              limit_bytes: float) -> Estimate:
     """Compile one candidate abstractly and estimate its memory and step time."""
-    from jaxscale.inspection import compile_step
-    from jaxscale.mesh import make_mesh
-    from jaxscale.state import abstract_state
+    from jaxscale.analysis.inspection import compile_step
+    from jaxscale.core.mesh import make_mesh
+    from jaxscale.core.state import abstract_state
 
     try:
         c_cfg = config_lib.load_tree(config_lib.to_dict(cfg), cand.overrides)
@@ -303,8 +303,8 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
     mesh = make_mesh(c_cfg.mesh, devices=devices)
     rules = shd.resolve_rules(c_cfg.sharding.rules)
     # Parameters + optimizer state from the shardings alone: no compile needed to reject.
+    from jaxscale.core.optim import make_optimizer
     from jaxscale.models import build_model
-    from jaxscale.optim import make_optimizer
 
     try:
         abstract = abstract_state(build_model(c_cfg.model), make_optimizer(c_cfg.optim, 10),
