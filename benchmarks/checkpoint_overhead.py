@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
-    from jaxscale.cli import set_cpu_devices
+    from jaxscale.run.devices import set_cpu_devices
 
     set_cpu_devices(args.cpu_devices or None)
 

@@ -46,12 +46,12 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from jaxscale import cli
     from jaxscale import config as config_lib
+    from jaxscale.run.devices import set_cpu_devices
 
     base = config_lib.load(args.config, args.overrides)
     if args.devices:
-        cli.set_cpu_devices(args.devices)
+        set_cpu_devices(args.devices)
 
     import jax
 

@@ -8,6 +8,10 @@
     jaxscale plan --config NAME_OR_PATH --devices N [--target h100] [--device-memory 80GB] ...
     jaxscale plot WORKDIR
 
+Flags and ``key=value`` overrides mix in any order after the subcommand
+(``jaxscale train steps=5 --cpu-devices 8 workdir=x``). A bad command line (an unknown flag, a
+malformed override, a missing or badly typed argument) is one line on stderr and exit code 2.
+
 jax is imported only after the arguments are parsed and the config validated, so that
 `--cpu-devices` takes effect and a bad setting fails in a fraction of a second.
 """
@@ -15,12 +19,14 @@ jax is imported only after the arguments are parsed and the config validated, so
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from jaxscale import config as config_lib
 from jaxscale.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
+from jaxscale.run.devices import set_cpu_devices
+from jaxscale.validation import did_you_mean
 from jaxscale.xla_flags import apply_gpu_flags
 
 # Exit codes (documented in docs/cli.md).
@@ -41,29 +47,35 @@ MAIN_KEYS = (
 )
 
 
-def set_cpu_devices(count: int | None) -> None:
-    """Simulate `count` CPU devices; must run before jax initialises its backends."""
-    if count is None:
-        return
-    if "jax" in sys.modules:
-        import jax
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error` raises a ConfigError (printed by `main`, exit 2)
+    instead of printing the usage block and exiting, and long flags are never abbreviated (an
+    abbreviation would let a typo such as `--cpu-device` pass for `--cpu-devices`)."""
 
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", count)
-        return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config, and the key=value overrides that `parse_args` collects from anywhere."""
     p.add_argument(
         "--config", default="tiny",
         help=f"preset name ({', '.join(config_lib.presets())}) or a YAML file (default: tiny)",
     )
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help=f"dotted overrides; main keys: {MAIN_KEYS}")
+    # Not a positional nargs="*": that list would end at the first flag after it. The overrides
+    # are the tokens argparse leaves over (see parse_args).
+    p.set_defaults(overrides=[])
+    note = f"key=value overrides (anywhere after the subcommand); main keys: {MAIN_KEYS}"
+    p.epilog = f"{p.epilog}\n{note}" if p.epilog else note
+
+
+def _show_overrides_in_usage(p: argparse.ArgumentParser) -> None:
+    """Append [key=value ...] to the usage line (call it once every flag is added)."""
+    p.usage = p.format_usage().removeprefix("usage: ").rstrip() + " [key=value ...]"
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -150,7 +162,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxscale",
         description="Train Flax models sharded over a device mesh.",
         epilog=(f"presets: {', '.join(config_lib.presets())}\n"
@@ -159,18 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model",
-                       epilog=f"presets: {', '.join(config_lib.presets())}\nmain keys: {MAIN_KEYS}",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train = sub.add_parser("train", help="train a model",
+                               epilog=f"presets: {', '.join(config_lib.presets())}",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(p)
     _add_device_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser("config", help="show the resolved config")
     config_sub = p.add_subparsers(dest="config_command", required=True)
-    show = config_sub.add_parser("show", help="print the resolved config as YAML")
+    show = config_sub.add_parser("show", help="print the resolved config as YAML",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(show)
-    show.set_defaults(func=cmd_config_show)
+    show.set_defaults(func=cmd_config_show, parser=show)
 
     p = sub.add_parser(
         "prepare", help="tokenize a corpus into token shards for data.source=shards",
@@ -191,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0,
                    help="tokenizer processes (default: one per CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=cmd_prepare, parser=p)
 
-    p = sub.add_parser(
+    p = inspect = sub.add_parser(
         "inspect", help="compile the train step without running it: shardings, memory, FLOPs, "
                         "collectives, warnings",
         epilog="example: jaxscale inspect --config tiny --cpu-devices 8 mesh.fsdp=8",
@@ -203,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inspect for N simulated CPU devices")
     p.add_argument("--warn-replicated-bytes", type=int, default=1 << 20, metavar="BYTES",
                    help="warn about replicated parameters from this size (default: 1 MiB)")
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=cmd_inspect, parser=p)
 
-    p = sub.add_parser(
+    p = plan = sub.add_parser(
         "plan", help="pick a mesh and remat policy for N devices (compiles for N simulated "
                      "devices; allocates nothing)",
         epilog="example: jaxscale plan --config llama-8b --devices 64 --target h100\n"
@@ -222,19 +235,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "full,minimal,none)")
     p.add_argument("--usable-fraction", type=float, default=0.9,
                    help="share of device memory the step may use (default: 0.9)")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, parser=p)
 
     p = sub.add_parser("plot", help="plot a run's loss and throughput to a PNG")
     p.add_argument("workdir")
     p.add_argument("--out", default=None, help="PNG path (default: WORKDIR/loss.png)")
-    p.set_defaults(func=cmd_plot)
+    p.set_defaults(func=cmd_plot, parser=p)
+    for p in (train, show, inspect, plan):
+        _show_overrides_in_usage(p)
     return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; flags and ``key=value`` overrides may come in any order.
+
+    Args:
+      argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+      The namespace of the subcommand's flags; `overrides` lists the ``key=value`` tokens in the
+      order given, for the subcommands that take them (train, config show, inspect, plan).
+
+    Raises:
+      ConfigError: one line: an unknown flag (with the closest known one), a token that is not
+        ``key=value``, or argparse's own complaint (a missing or badly typed argument).
+    """
+    args, leftover = build_parser().parse_known_args(argv)
+    # argparse has no public list of a parser's flags; this mapping is where it keeps them.
+    flags = [f for f in args.parser._option_string_actions if f.startswith("--")]
+    overrides = []
+    for token in leftover:
+        if token.startswith("-") and len(token) > 1:
+            name = token.partition("=")[0]
+            raise ConfigError(f"unrecognized argument {token!r}" + did_you_mean(name, flags))
+        if not hasattr(args, "overrides"):  # prepare, plot: no overrides
+            raise ConfigError(f"unrecognized argument {token!r} (see '{args.parser.prog} --help')")
+        if "=" not in token or token.startswith("="):
+            raise ConfigError(f"override {token!r} is not of the form key=value")
+        overrides.append(token)
+    if hasattr(args, "overrides"):
+        args.overrides = overrides
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jaxscale` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"jaxscale: error: {e}", file=sys.stderr)

@@ -6,6 +6,12 @@ parsing and type conversion are OmegaConf's; this module adds the schema and one
 name the key, the value and the valid choices; `validation.py` holds the value checks, which run
 before any JAX work.
 
+A field with named choices is typed by a `typing.Literal` declared next to its section
+(``norm: Norm``): OmegaConf rejects any other value when it merges, and the matching tuple of
+names (``NORMS = get_args(Norm)``) is what the implementations' tables are keyed by
+(tests/test_config.py checks that). `validation.py` reads the Literals off the dataclasses it is
+given, so it needs no import of this module and the import runs one way: config -> validation.
+
 This module never imports jax: the CLI must be able to validate a config (and set the simulated
 device count) before jax initialises its backends.
 """
@@ -16,30 +22,49 @@ import dataclasses
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 from jaxscale.errors import ConfigError
-from jaxscale.validation import (  # noqa: F401 (the choice names are part of this module's API)
-    ATTENTIONS,
-    DATA_SOURCES,
-    DTYPES,
-    MLPS,
-    NONFINITE_POLICIES,
-    NORMS,
-    OPTIMIZERS,
-    POSITIONS,
-    REMAT_POLICIES,
+from jaxscale.validation import (  # noqa: F401 (RULE_PRESETS is part of this module's API)
     RULE_PRESETS,
-    SCHEDULES,
+    choices_error,
     did_you_mean,
     validate,
 )
 
 PRESETS_DIR = pathlib.Path(__file__).parent / "configs"
 
+# Choices of the model section. The tables implementing them are keyed by the same names:
+# jaxscale.core.remat.POLICIES, jaxscale.core.dtypes.DTYPES.
+RematPolicy = Literal[
+    "none", "full", "minimal", "save_dots", "save_qkv_proj", "save_attn_out", "save_mlp",
+    "offload_dots",
+]
+DType = Literal["float32", "bfloat16", "float16"]
+Norm = Literal["rmsnorm", "layernorm"]
+Mlp = Literal["swiglu", "gelu"]
+Position = Literal["rope", "learned"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
+DTYPES: tuple[str, ...] = get_args(DType)
+NORMS: tuple[str, ...] = get_args(Norm)
+MLPS: tuple[str, ...] = get_args(Mlp)
+POSITIONS: tuple[str, ...] = get_args(Position)
+ATTENTIONS: tuple[str, ...] = get_args(AttentionImpl)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The built-in decoder LM (`jaxscale.models.decoder`); also its NNX twin (decoder_nnx).
+
+    `kv_heads` and `head_size` resolve the 0 defaults of `num_kv_heads` and `head_dim`; read
+    those rather than the raw fields.
+    """
+
+    # `validation.validate` runs the decoder's checks (head counts, rope, max_seq_len, byte
+    # vocabulary) on a model section that carries this marker. A ClassVar, so not a config key.
+    decoder_checks: ClassVar[bool] = True
+
     name: str = "decoder"  # model registry key (jaxscale.models.MODELS)
     num_layers: int = 2  # transformer blocks
     d_model: int = 64  # residual stream width
@@ -49,20 +74,46 @@ class ModelConfig:
     d_ff: int = 256  # MLP hidden width
     vocab_size: int = 256  # token vocabulary (256 = bytes)
     max_seq_len: int = 1024  # longest sequence the model accepts (learned positions table size)
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
-    mlp: str = "swiglu"  # swiglu (gated SiLU) | gelu
-    position: str = "rope"  # rope (rotary) | learned (absolute table)
+    norm: Norm = "rmsnorm"  # rmsnorm | layernorm
+    mlp: Mlp = "swiglu"  # swiglu (gated SiLU) | gelu
+    position: Position = "rope"  # rope (rotary) | learned (absolute table)
     tie_embeddings: bool = False  # output projection shares the token embedding
     use_bias: bool = False  # biases in dense layers and norms
     rope_theta: float = 10000.0  # rotary base frequency
     norm_eps: float = 1e-5  # epsilon inside the norms
     dropout: float = 0.0  # dropout rate on attention and MLP outputs (training only)
-    dtype: str = "float32"  # compute dtype of activations and matmuls
-    param_dtype: str = "float32"  # storage dtype of parameters (master weights)
+    dtype: DType = "float32"  # compute dtype of activations and matmuls
+    param_dtype: DType = "float32"  # storage dtype of parameters (master weights)
     scan_layers: bool = True  # nn.scan over a stacked layer axis (fast compile) vs unrolled
-    remat: str = "none"  # rematerialization policy name (jaxscale.core.remat.POLICIES)
-    attention: str = "auto"  # auto (cudnn on GPU when possible) | xla | cudnn | reference
+    remat: RematPolicy = "none"  # rematerialization policy name (jaxscale.core.remat.POLICIES)
+    attention: AttentionImpl = "auto"  # auto (cudnn on GPU when possible) | xla | cudnn | reference
     init_std: float = 0.02  # stddev of the normal initialiser of dense and embedding weights
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: `num_kv_heads`, or `num_heads` when that is 0 (multi-head)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        """Width of one head: `head_dim`, or `d_model // num_heads` when that is 0."""
+        return self.head_dim or self.d_model // self.num_heads
+
+
+DecoderConfig = ModelConfig
+
+# model.name -> the dataclass of its config section. `jaxscale.models.register` adds to it; a
+# model config needs a `name` field.
+MODEL_CONFIGS: dict[str, type] = {"decoder": ModelConfig, "decoder_nnx": ModelConfig}
+
+
+def register_model_config(name: str, config_type: type) -> None:
+    """Make `model.name=<name>` select `config_type` for the model section."""
+    if not dataclasses.is_dataclass(config_type) or "name" not in {
+        f.name for f in dataclasses.fields(config_type)
+    }:
+        raise TypeError(f"{config_type!r} must be a dataclass with a `name` field")
+    MODEL_CONFIGS[name] = config_type
 
 
 @dataclass(frozen=True)
@@ -100,16 +151,39 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class ShardingConfig:
-    # A preset name (dp | fsdp | tp | fsdp_tp | hsdp) or an ordered list of
+    # "auto" (every mesh axis used wherever it fits; a size-1 axis is a no-op), a preset name
+    # (dp | fsdp | tp | fsdp_tp | hsdp) or an ordered list of
     # [logical_name, mesh_axis | [mesh_axes...] | null]; the first rule for a name wins.
-    rules: Any = "fsdp"
+    rules: Any = "auto"
+    # Logical names for parameters the model does not annotate: ordered [regex, [names...]]
+    # pairs searched in the "/"-joined parameter path (e.g. ["layers_\\d+/mlp/.*kernel",
+    # ["embed", "mlp"]]); the first match wins.
+    param_rules: Any = ()
+    # An unannotated parameter that no param_rules entry matches is replicated when it is at
+    # most this many bytes, and an error when it is larger.
+    replicate_below: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "lm"  # what is trained: lm (next-token prediction) | classify (labels of inputs)
+    num_classes: int = 10  # classify: number of labels
+    input_shape: tuple[int, ...] = (8, 8, 1)  # classify: one example's shape, e.g. [H, W, C]
+
+
+# Choices of the optim section, keyed like jaxscale.core.optim.OPTIMIZERS and .SCHEDULES.
+Optimizer = Literal["adamw", "lion", "adafactor", "sgd"]
+Schedule = Literal["constant", "cosine", "linear", "wsd"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | lion | adafactor | sgd
+    name: Optimizer = "adamw"  # adamw | lion | adafactor | sgd
     lr: float = 3e-4  # peak learning rate
-    schedule: str = "cosine"  # constant | cosine | linear | wsd (warmup-stable-decay); all warm up
+    # constant | cosine | linear | wsd (warmup-stable-decay); every schedule warms up first
+    schedule: Schedule = "cosine"
     warmup_steps: int = 100  # linear warmup from 0 to lr
     decay_steps: int = 0  # steps of the schedule after warmup; 0 = the rest of the run
     end_lr_ratio: float = 0.1  # final learning rate as a fraction of lr (cosine, linear, wsd)
@@ -124,13 +198,19 @@ class OptimConfig:
     momentum: float = 0.9  # sgd momentum; 0 = plain sgd
     nesterov: bool = False  # sgd: Nesterov momentum
     # Storage dtype of the first moment / momentum (second moments stay float32 for stability).
-    moment_dtype: str = "float32"
+    moment_dtype: DType = "float32"
     grad_accum: int = 1  # microbatches per step (lax.scan, fp32 accumulation)
+
+
+# data.source choices, keyed like jaxscale.data.SOURCES.
+DataSource = Literal["text", "shards", "hf", "synthetic"]
+DATA_SOURCES: tuple[str, ...] = get_args(DataSource)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "text"  # text | shards (`jaxscale prepare` output) | hf (datasets) | synthetic
+    # text | shards (`jaxscale prepare` output) | hf (datasets) | synthetic
+    source: DataSource = "text"
     # text: a directory, file or glob of text / .jsonl files ("" = the Python standard library's
     # sources); shards: a prepared directory; hf: a local data file/directory or a dataset name
     path: str = ""
@@ -171,6 +251,11 @@ class ProfileConfig:
     steps: tuple[int, ...] = ()  # [start, stop): capture a jax.profiler trace of these steps
 
 
+# on_nonfinite choices: what the step does with a non-finite loss or gradient.
+NonfinitePolicy = Literal["abort", "skip"]
+NONFINITE_POLICIES: tuple[str, ...] = get_args(NonfinitePolicy)
+
+
 @dataclass(frozen=True)
 class Config:
     steps: int = 1000  # optimizer steps to train for
@@ -182,9 +267,13 @@ class Config:
     eval_every: int = 100  # evaluate every N steps; 0 = only at the end
     eval_batches: int = 8  # held-out batches per evaluation
     z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss that keeps logits bounded
-    on_nonfinite: str = "abort"  # abort (raise) | skip (drop the update) on a non-finite loss/grad
+    # on a non-finite loss or gradient: abort (raise) | skip (drop the update)
+    on_nonfinite: NonfinitePolicy = "abort"
     progress: bool = True  # progress bar when stdout is a terminal
-    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    # The section of the model that `model.name` names: its own config dataclass (see
+    # MODEL_CONFIGS); the built-in decoder's is ModelConfig.
+    model: Any = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -234,37 +323,42 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split("\n")[0].split())
 
 
-def _omegaconf_error(e: Exception) -> ConfigError:
-    """Turn an OmegaConf error into a one-line ConfigError naming the dotted key."""
+def _omegaconf_error(e: Exception, model_type: type) -> ConfigError:
+    """Turn an OmegaConf error into a one-line ConfigError naming the dotted key.
+
+    An unknown key lists the valid keys of its section; a value outside a field's Literal lists
+    the field's choices, in the same words as `validation.choices_error`.
+    """
     from omegaconf.errors import ConfigKeyError, ValidationError
 
-    full_key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    full_key = str(getattr(e, "full_key", None) or getattr(e, "key", None) or "?")
+    parent, _, leaf = full_key.rpartition(".")
+    section = _section_type(parent, model_type)
     if isinstance(e, ConfigKeyError):
-        parent, _, leaf = str(full_key).rpartition(".")
-        node: Any = Config
-        for part in parent.split(".") if parent else []:
-            hit = {f.name: f for f in dataclasses.fields(node)}.get(part)
-            node = hit.type if hit is not None else None
-            if isinstance(node, str):
-                node = _SECTIONS.get(part)
-            if node is None:
-                break
-        valid = [f.name for f in dataclasses.fields(node)] if node is not None else []
+        valid = [f.name for f in dataclasses.fields(section)] if section is not None else []
         where = f"in '{parent}'" if parent else "at the top level"
         return ConfigError(
             f"unknown config key '{full_key}'" + did_you_mean(leaf, valid)
             + (f"; valid keys {where}: {', '.join(valid)}" if valid else "")
         )
-    if isinstance(e, ValidationError):
-        return ConfigError(f"{full_key}: {_one_line(e)}")
+    hint = get_type_hints(section).get(leaf) if section is not None else None
+    if isinstance(e, ValidationError) and get_origin(hint) is Literal:
+        return choices_error(full_key, getattr(e, "value", "?"), get_args(hint))
     return ConfigError(f"{full_key}: {_one_line(e)}")
 
 
-_SECTIONS = {
-    "model": ModelConfig, "mesh": MeshConfig, "sharding": ShardingConfig, "optim": OptimConfig,
-    "data": DataConfig, "checkpoint": CheckpointConfig, "profile": ProfileConfig,
-    "watchdog": WatchdogConfig,
-}
+def _section_type(dotted: str, model_type: type) -> type | None:
+    """The config dataclass of the section at `dotted` ("" = Config), or None if there is none.
+
+    Walks the resolved type hints, so every section is found from the field that holds it;
+    `model` (typed Any) is the dataclass that `model.name` selected.
+    """
+    node: Any = Config
+    for part in dotted.split(".") if dotted else []:
+        node = model_type if node is Config and part == "model" else get_type_hints(node).get(part)
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return None
+    return node
 
 
 def load(config: str = "tiny", overrides: Sequence[str] = ()) -> Config:
@@ -287,16 +381,27 @@ def load(config: str = "tiny", overrides: Sequence[str] = ()) -> Config:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value")
+    model_type = ModelConfig
     try:
-        schema = OmegaConf.structured(Config)
-        merged = OmegaConf.merge(
-            schema, _read_yaml(config), OmegaConf.from_dotlist(list(overrides))
-        )
-        cfg = OmegaConf.to_object(merged)
+        tree = OmegaConf.merge(_read_yaml(config), OmegaConf.from_dotlist(list(overrides)))
+        model_type = _model_type(tree)
+        cfg = OmegaConf.to_object(OmegaConf.merge(_schema(model_type), tree))
     except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
+        raise _omegaconf_error(e, model_type) from None
     validate(cfg)
     return cfg
+
+
+def _model_type(tree: Any) -> type:
+    """The config dataclass of the model section that the raw tree's `model.name` selects."""
+    name = (tree.get("model") or {}).get("name", ModelConfig.name)
+    return MODEL_CONFIGS.get(name, ModelConfig)
+
+
+def _schema(model_type: type) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(Config(model=model_type()))
 
 
 def from_dict(tree: dict) -> Config:
@@ -304,10 +409,12 @@ def from_dict(tree: dict) -> Config:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    model_type = ModelConfig
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), tree))
+        model_type = _model_type(OmegaConf.create(tree))
+        cfg = OmegaConf.to_object(OmegaConf.merge(_schema(model_type), tree))
     except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
+        raise _omegaconf_error(e, model_type) from None
     validate(cfg)
     return cfg
 

@@ -1,7 +1,13 @@
-"""Value checks of a Config, and the valid names of its string-valued choices.
+"""Value checks of a Config.
 
 Every check raises a one-line ConfigError naming the dotted key, the value and what would be
 valid. No jax import here either: `jaxscale.config.load` runs these before any JAX work.
+
+This module does not import `jaxscale.config` (config imports it): it reads what it needs off the
+objects it is given. The names of a field's choices are the `typing.Literal` of its annotation
+(`_check_choices`), and a model section gets the decoder's checks when its class carries the
+`decoder_checks` marker. Only the choice lists that a Literal cannot hold live here:
+`RULE_PRESETS` (sharding.rules also takes a list of rules) and `TASKS` (grows at run time).
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 from jaxscale.errors import ConfigError
 
@@ -21,25 +27,15 @@ if TYPE_CHECKING:
         MeshConfig,
         ModelConfig,
         OptimConfig,
+        TaskConfig,
         WatchdogConfig,
     )
 
-# Valid names for the string-valued choices. The tables that implement them (remat.POLICIES,
-# optim.OPTIMIZERS, ...) are keyed by exactly these names; tests/test_config.py checks that.
-REMAT_POLICIES = (
-    "none", "full", "minimal", "save_dots", "save_qkv_proj", "save_attn_out", "save_mlp",
-    "offload_dots",
-)
-OPTIMIZERS = ("adamw", "lion", "adafactor", "sgd")
-SCHEDULES = ("constant", "cosine", "linear", "wsd")
-RULE_PRESETS = ("dp", "fsdp", "tp", "fsdp_tp", "hsdp")
-DTYPES = ("float32", "bfloat16", "float16")
-NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu")
-POSITIONS = ("rope", "learned")
-ATTENTIONS = ("auto", "xla", "cudnn", "reference")
-DATA_SOURCES = ("text", "shards", "hf", "synthetic")
-NONFINITE_POLICIES = ("abort", "skip")
+# sharding.rules preset names, keyed like jaxscale.core.sharding.RULE_PRESETS (re-exported by
+# jaxscale.config; tests/test_config.py checks the keys match).
+RULE_PRESETS = ("auto", "dp", "fsdp", "tp", "fsdp_tp", "hsdp")
+# task.name choices; `jaxscale.tasks.register` adds to it.
+TASKS = ["lm", "classify"]
 
 
 def did_you_mean(value: str, choices: Sequence[str]) -> str:
@@ -49,6 +45,7 @@ def did_you_mean(value: str, choices: Sequence[str]) -> str:
 
 
 def choices_error(key: str, value: Any, choices: Sequence[str]) -> ConfigError:
+    """The one-line error for a value outside its choices: "key='v' is not valid; choose ..."."""
     return ConfigError(
         f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}"
         + did_you_mean(value, choices)
@@ -79,18 +76,22 @@ def _fraction(key: str, value: float, *, closed: bool = True) -> None:
         raise ConfigError(f"{key}={value} must be in [0, 1{']' if closed else ')'}")
 
 
+def _check_choices(section: Any, prefix: str = "") -> None:
+    """Every Literal-typed field of a config dataclass, and of the sections it holds, has one of
+    the Literal's names (OmegaConf checks this on load; this also covers a hand-built Config)."""
+    for name, hint in get_type_hints(type(section)).items():
+        value = getattr(section, name)
+        if get_origin(hint) is Literal:
+            _one_of(prefix + name, value, get_args(hint))
+        elif dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{name}.")
+
+
 def _validate_model(m: ModelConfig) -> None:
     for key in ("num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_seq_len"):
         _positive(f"model.{key}", getattr(m, key))
     _non_negative("model.num_kv_heads", m.num_kv_heads)
     _non_negative("model.head_dim", m.head_dim)
-    _one_of("model.norm", m.norm, NORMS)
-    _one_of("model.mlp", m.mlp, MLPS)
-    _one_of("model.position", m.position, POSITIONS)
-    _one_of("model.dtype", m.dtype, DTYPES)
-    _one_of("model.param_dtype", m.param_dtype, DTYPES)
-    _one_of("model.remat", m.remat, REMAT_POLICIES)
-    _one_of("model.attention", m.attention, ATTENTIONS)
     _fraction("model.dropout", m.dropout, closed=False)
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.init_std", m.init_std)
@@ -99,12 +100,11 @@ def _validate_model(m: ModelConfig) -> None:
             f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
             "set model.head_dim explicitly or pick a divisor"
         )
-    kv = m.num_kv_heads or m.num_heads
-    if m.num_heads % kv:
+    if m.num_heads % m.kv_heads:
         raise ConfigError(
             f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}"
         )
-    if m.position == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
+    if m.position == "rope" and m.head_size % 2:
         raise ConfigError("model.position='rope' needs an even head dimension")
 
 
@@ -147,10 +147,46 @@ def _validate_rules(rules: Any) -> None:
             )
 
 
+def _validate_param_rules(param_rules: Any, replicate_below: int) -> None:
+    import re
+
+    _non_negative("sharding.replicate_below", replicate_below)
+    if not isinstance(param_rules, (list, tuple)):
+        raise ConfigError(
+            f"sharding.param_rules={param_rules!r} must be a list of [regex, [logical names]]"
+        )
+    for rule in param_rules:
+        ok = isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+        names = rule[1] if ok else None
+        ok = ok and isinstance(names, (list, tuple)) and all(
+            n is None or isinstance(n, str) for n in names)
+        if not ok:
+            raise ConfigError(
+                f"sharding.param_rules entry {_plain(rule)!r} must be [regex, [logical names]] "
+                "(a name may be null)"
+            )
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ConfigError(
+                f"sharding.param_rules regex {rule[0]!r} does not compile: {e}"
+            ) from None
+
+
+def _plain(x: Any) -> Any:
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def _validate_task(t: TaskConfig) -> None:
+    _one_of("task.name", t.name, TASKS)
+    _positive("task.num_classes", t.num_classes)
+    if not t.input_shape or any(d <= 0 for d in t.input_shape):
+        raise ConfigError(
+            f"task.input_shape={list(t.input_shape)} must be a list of positive sizes"
+        )
+
+
 def _validate_optim(o: OptimConfig) -> None:
-    _one_of("optim.name", o.name, OPTIMIZERS)
-    _one_of("optim.schedule", o.schedule, SCHEDULES)
-    _one_of("optim.moment_dtype", o.moment_dtype, DTYPES)
     _positive("optim.lr", o.lr)
     for key in ("warmup_steps", "decay_steps", "weight_decay", "clip_norm", "momentum", "eps"):
         _non_negative(f"optim.{key}", getattr(o, key))
@@ -160,7 +196,6 @@ def _validate_optim(o: OptimConfig) -> None:
 
 
 def _validate_data(d: DataConfig) -> None:
-    _one_of("data.source", d.source, DATA_SOURCES)
     _fraction("data.val_fraction", d.val_fraction, closed=False)
     _positive("data.num_threads", d.num_threads)
     _non_negative("data.prefetch", d.prefetch)
@@ -195,15 +230,19 @@ def validate(cfg: Config) -> None:
         _positive(key, getattr(cfg, key))
     _non_negative("eval_every", cfg.eval_every)
     _non_negative("z_loss", cfg.z_loss)
-    _one_of("on_nonfinite", cfg.on_nonfinite, NONFINITE_POLICIES)
-    _validate_model(cfg.model)
+    _check_choices(cfg)
+    _validate_task(cfg.task)
+    decoder = getattr(cfg.model, "decoder_checks", False)
+    if decoder:
+        _validate_model(cfg.model)
     _validate_mesh(cfg.mesh)
     _validate_rules(cfg.sharding.rules)
+    _validate_param_rules(cfg.sharding.param_rules, cfg.sharding.replicate_below)
     _validate_optim(cfg.optim)
     _validate_data(cfg.data)
     _validate_checkpoint(cfg.checkpoint)
     _validate_watchdog(cfg.watchdog)
-    if cfg.seq_len > cfg.model.max_seq_len:
+    if decoder and cfg.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"seq_len={cfg.seq_len} is above model.max_seq_len={cfg.model.max_seq_len}; lower "
             "seq_len or raise model.max_seq_len"
@@ -214,7 +253,7 @@ def validate(cfg: Config) -> None:
             f"{cfg.optim.grad_accum} (each microbatch needs the same number of sequences)"
         )
     byte_text = cfg.data.tokenizer == "byte" and cfg.data.source != "synthetic"
-    if byte_text and cfg.model.vocab_size < 256:
+    if decoder and cfg.task.name == "lm" and byte_text and cfg.model.vocab_size < 256:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is too small for data.tokenizer='byte' "
             "(needs >= 256)"

@@ -17,10 +17,12 @@ from jaxscale.checkpoint.manager import Checkpointer, checkpoint_dir
 from jaxscale.core import sharding as shd
 from jaxscale.core.mesh import make_mesh
 from jaxscale.core.optim import make_optimizer
-from jaxscale.core.state import abstract_state, init_state, unbox
-from jaxscale.core.step import jit_step, make_train_step
+from jaxscale.core.state import unbox
+from jaxscale.core.step import jit_step
+from jaxscale.core.trees import path_str
 from jaxscale.errors import CheckpointError
 from jaxscale.models import build_model
+from jaxscale.run.build import abstract_state, init_state, make_train_step
 
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
          "model.d_ff=64", "model.vocab_size=64", "seq_len=16", "batch_size=16",
@@ -203,7 +205,7 @@ def test_sample_stream_change_is_refused(dp8):
 def _shape_lines(saved, expected):
     """The lines check_tree must print for two (boxed) abstract states."""
     def flat(tree):
-        return {shd.path_str(p): tuple(x.shape)
+        return {path_str(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_flatten_with_path(unbox(tree))[0]}
     a, b = flat(saved), flat(expected)
     assert a.keys() == b.keys()

@@ -1,5 +1,5 @@
-"""Stop signals: the watch, the save-and-stop in the Checkpointer, and the agreement of several
-processes on the same stop step."""
+"""Stop signals: the watch, the loop's save-and-stop, and the agreement of several processes on
+the same stop step."""
 
 import os
 import signal
@@ -10,16 +10,17 @@ import time
 
 import jax
 import pytest
-from test_checkpoint import DP8, RNG, Setup, data_state, make_cfg
+from test_checkpoint import DP8, make_cfg
 
 from jaxscale.errors import Preempted
-from jaxscale.run.preemption import StopWatch
+from jaxscale.run.loop import train
+from jaxscale.run.preemption import StopSignal
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_becomes_a_stop_at_the_next_step_boundary(signum):
     before = signal.getsignal(signum)
-    watch = StopWatch()
+    watch = StopSignal()
     try:
         assert not watch.should_stop(1)
         os.kill(os.getpid(), signum)
@@ -33,7 +34,7 @@ def test_a_signal_becomes_a_stop_at_the_next_step_boundary(signum):
 def test_a_second_sigint_interrupts_at_once():
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's usual handler
     try:
-        watch = StopWatch()
+        watch = StopSignal()
         os.kill(os.getpid(), signal.SIGINT)
         assert watch.should_stop(1)
         with pytest.raises(KeyboardInterrupt):
@@ -45,30 +46,33 @@ def test_a_second_sigint_interrupts_at_once():
         signal.signal(signal.SIGINT, before)
 
 
-def test_save_on_stop_commits_then_raises_preempted(tmp_path):
-    setup = Setup(make_cfg(tmp_path, *DP8, "checkpoint.every=100"))
-    state = setup.init()
-    with setup.checkpointer() as ckpt:
-        ckpt.restore_or_init(lambda: state, setup.abstract, setup.shardings, rng=RNG)
-        assert not ckpt.should_save(3)
+class SignalAt:
+    """A loop hook that sends this process SIGTERM after step `step` (as a scheduler would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def when(self, step: int) -> bool:
+        return step == self.step
+
+    def __call__(self, ctx) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert ckpt.should_save(4)
-        with pytest.raises(Preempted) as e:
-            ckpt.save(4, state, data_state(4))
-        # Raised only after the step committed: it is on disk now, not in a temporary folder.
-        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+
+
+def test_save_on_stop_commits_then_raises_preempted(tmp_path):
+    cfg = make_cfg(tmp_path, *DP8, "checkpoint.every=100")
+    with pytest.raises(Preempted) as e:
+        train(cfg, hooks=[SignalAt(4)])
+    # Raised only after the step committed: it is on disk now, not in a temporary folder.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
     assert str(e.value) == (f"stopped on SIGTERM after step 4; checkpoint saved in "
                             f"{tmp_path / 'checkpoints'}. Run the same command again to resume")
 
 
 def test_a_stop_at_the_last_step_just_finishes(tmp_path):
-    setup = Setup(make_cfg(tmp_path, *DP8, "steps=10"))
-    state = setup.init()
-    with setup.checkpointer() as ckpt:
-        ckpt.restore_or_init(lambda: state, setup.abstract, setup.shardings, rng=RNG)
-        ckpt.watch.request("test")
-        assert ckpt.should_save(10)
-        ckpt.save(10, state, data_state(10))  # no Preempted: the run is complete
+    cfg = make_cfg(tmp_path, *DP8, "steps=10")
+    state = train(cfg, hooks=[SignalAt(10)])  # no Preempted: the run is complete
+    assert int(state.step) == 10
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10"]
 
 
@@ -77,8 +81,9 @@ import os, sys, time
 import jax
 port, index, progress = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=index)
-from jaxscale.run.preemption import StopWatch
-watch = StopWatch(sync_every=5)
+from jaxscale.run.loop import train
+from jaxscale.run.preemption import StopSignal
+watch = StopSignal(sync_every=5)
 for step in range(1, 100_000):
     time.sleep(0.01 * (index + 1))  # process 1 is the slower one
     with open(progress + ".tmp", "w") as f:

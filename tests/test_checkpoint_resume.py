@@ -31,14 +31,29 @@ RUN = SMALL + ["steps=20", "log_every=1", "eval_every=0", "optim.decay_steps=18"
 TIMEOUT = 600
 
 
+# How long a worker waits for another to finish what it holds the lock for: the longest is the
+# reference run, which `finished` gives up on after TIMEOUT.
+LOCK_TIMEOUT = TIMEOUT + 120
+
+
 @contextlib.contextmanager
-def exclusive(path: pathlib.Path):
-    """A lock file shared by the xdist workers (held while the block runs)."""
+def exclusive(path: pathlib.Path, timeout: float = LOCK_TIMEOUT):
+    """A lock file shared by the xdist workers of this run (held while the block runs).
+
+    Fails the test after `timeout` seconds rather than waiting forever on a lock whose holder
+    died without removing it.
+    """
+    deadline = time.monotonic() + timeout
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL)
             break
         except FileExistsError:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"waited {timeout:.0f} s for the lock {path}: the xdist worker holding it is"
+                    " stuck, or died without removing it"
+                )
             time.sleep(0.1)
     try:
         yield
@@ -48,9 +63,16 @@ def exclusive(path: pathlib.Path):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> pathlib.Path:
-    """A directory every xdist worker of this session sees (their base temps' parent)."""
-    return tmp_path_factory.getbasetemp().parent
+def shared(tmp_path_factory, request) -> pathlib.Path:
+    """A directory of this pytest run, the same for every xdist worker of it.
+
+    Without xdist it is the run's base temp (pytest makes a fresh one per run). An xdist worker's
+    base temp is <the controller's base temp>/<worker id>, so the run's is its parent. Nothing
+    outlives the run: a reference from an earlier run (of other code) is never reused.
+    """
+    base = tmp_path_factory.getbasetemp()
+    is_xdist_worker = hasattr(request.config, "workerinput")
+    return base.parent if is_xdist_worker else base
 
 
 @pytest.fixture(scope="module")

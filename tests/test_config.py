@@ -7,7 +7,7 @@ import yaml
 
 from jaxscale import config as config_lib
 from jaxscale.config import Config, ConfigError
-from jaxscale.core import optim, remat, sharding
+from jaxscale.core import dtypes, optim, remat, sharding
 
 
 def test_presets_ship_and_load():
@@ -52,6 +52,19 @@ def test_choice_tables_match_the_implementations():
     assert set(config_lib.OPTIMIZERS) == set(optim.OPTIMIZERS)
     assert set(config_lib.SCHEDULES) == set(optim.SCHEDULES)
     assert set(config_lib.RULE_PRESETS) == set(sharding.RULE_PRESETS)
+
+
+def test_dtype_names_are_the_dtype_table():
+    assert config_lib.DTYPES == tuple(dtypes.DTYPES)
+
+
+def test_head_count_defaults():
+    m = config_lib.load("tiny", ["model.num_heads=4", "model.num_kv_heads=0",
+                                 "model.head_dim=0"]).model
+    assert (m.kv_heads, m.head_size) == (4, m.d_model // 4)
+    m = config_lib.load("tiny", ["model.num_heads=4", "model.num_kv_heads=2",
+                                 "model.head_dim=16"]).model
+    assert (m.kv_heads, m.head_size) == (2, 16)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -101,7 +101,8 @@ def test_capture_stderr_sees_writes_from_native_code():
 
 
 def test_inspect_command_prints_every_section(capsys):
-    assert cli.main(["inspect", "--config", "tiny", *SMALL, "mesh.fsdp=8"]) == 0
+    assert cli.main(["inspect", "--config", "tiny", *SMALL, "mesh.fsdp=8",
+                     "sharding.rules=fsdp"]) == 0
     out = capsys.readouterr().out
     for needle in ("params/layers/mlp/wi_up/kernel", "('data', 'fsdp')", "optimizer state",
                    "activations/temps", "FLOPs per step", "all-gather", "reduce-scatter",

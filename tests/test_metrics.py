@@ -10,9 +10,10 @@ from util import random_batch
 from jaxscale import config as config_lib
 from jaxscale.analysis import metrics
 from jaxscale.config import MeshConfig, OptimConfig
-from jaxscale.core import optim, sharding, state, step
+from jaxscale.core import optim, sharding, step
 from jaxscale.core.mesh import make_mesh
 from jaxscale.models import build_model
+from jaxscale.run import build
 
 
 def test_flops_gpt2_small_by_hand():
@@ -48,8 +49,8 @@ def test_flops_agree_with_xla_cost_analysis():
     tx = optim.make_optimizer(OptimConfig(warmup_steps=0), 10)
     mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
     rules = sharding.resolve_rules("dp")
-    st, shardings = state.init_state(model, tx, mesh, rules, seq_len=128)
-    fn = step.jit_step(step.make_train_step(model, tx, mesh=mesh, rules=rules), shardings,
+    st, shardings = build.init_state(model, tx, mesh, rules, seq_len=128)
+    fn = step.jit_step(build.make_train_step(model, tx, mesh=mesh, rules=rules), shardings,
                        sharding.batch_sharding(mesh, rules))
     batch = random_batch(8, 128, 256)
     compiled = fn.lower(st, batch, jax.random.key(0)).compile()

@@ -16,10 +16,12 @@ from jaxscale.config import ConfigError, MeshConfig, ModelConfig, OptimConfig
 from jaxscale.core import optim
 from jaxscale.core import sharding as shd
 from jaxscale.core.mesh import make_mesh
-from jaxscale.core.state import init_state, num_params
-from jaxscale.core.step import jit_step, make_train_step
+from jaxscale.core.state import num_params
+from jaxscale.core.step import jit_step
+from jaxscale.core.trees import path_str
 from jaxscale.models import MODELS, build_model, register
 from jaxscale.models.decoder import attention
+from jaxscale.run.build import init_state, make_train_step
 
 SEQ = 16
 STYLES = {
@@ -51,7 +53,7 @@ def params_of(cfg: ModelConfig):
 
     def draw(path, x):
         noise = rng.normal(0.0, 0.1, x.shape).astype(x.dtype)
-        return noise + 1 if shd.path_str(path).endswith("scale") else noise
+        return noise + 1 if path_str(path).endswith("scale") else noise
 
     return jax.tree_util.tree_map_with_path(draw, shapes_of(cfg))
 

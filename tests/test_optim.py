@@ -16,7 +16,7 @@ from util import tiny_model_config
 from jaxscale import config
 from jaxscale.config import ConfigError, OptimConfig
 from jaxscale.core.optim import OPTIMIZERS, SCHEDULES, decay_mask, make_optimizer, make_schedule
-from jaxscale.core.sharding import path_str
+from jaxscale.core.trees import path_str
 from jaxscale.models import build_model
 
 # (name, settings): every optimizer, sgd both with momentum and plain.

@@ -1,8 +1,6 @@
 """`jaxscale plan`: candidate meshes, the step-time model, the memory check against the analytic
 count of parameters and optimizer state, the recommendation, and the command line."""
 
-import json
-import math
 import os
 import subprocess
 import sys
@@ -160,5 +158,3 @@ def test_llama_8b_on_64_h100s_plans_within_minutes():
     fsdp = next(line for line in lines if line.startswith("fsdp ") and " full " in line)
     assert " fits " in fsdp and "1.41 GiB" in fsdp  # 8.03B x 12 bytes / 64
     assert "recommendation:" in proc.stdout
-    assert math.isclose(8.03e9 * 12 / 64 / 2**30, 1.41, rel_tol=0.01)
-    json.dumps(lines)  # the output is plain text lines

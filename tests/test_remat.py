@@ -17,9 +17,12 @@ from jaxscale.core import remat
 from jaxscale.core import sharding as shd
 from jaxscale.core.mesh import make_mesh
 from jaxscale.core.optim import make_optimizer
-from jaxscale.core.state import TrainState, abstract_state
-from jaxscale.core.step import jit_step, lm_loss, make_train_step
+from jaxscale.core.state import TrainState
+from jaxscale.core.step import jit_step
+from jaxscale.core.trees import path_str
 from jaxscale.models import build_model
+from jaxscale.run.build import abstract_state, make_train_step
+from jaxscale.tasks.lm import lm_loss
 
 B, T = 8, 16
 BATCH = random_batch(B, T, seed=0)
@@ -49,7 +52,7 @@ def _params(scan_layers: bool):
 
     def draw(path, x):
         noise = rng.normal(0.0, 0.1, x.shape).astype(x.dtype)
-        return noise + 1 if shd.path_str(path).endswith("scale") else noise
+        return noise + 1 if path_str(path).endswith("scale") else noise
 
     params = jax.tree_util.tree_map_with_path(draw, shapes)
     if not scan_layers:
@@ -94,7 +97,7 @@ def test_policy_gives_the_same_gradients(policy):
         ref = ref_grads
         for key in path:
             ref = ref[key.key]
-        _assert_grads_close(g, ref, err_msg=shd.path_str(path))
+        _assert_grads_close(g, ref, err_msg=path_str(path))
 
 
 def test_full_remat_gives_the_same_gradients_unrolled():

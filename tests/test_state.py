@@ -12,8 +12,10 @@ from jaxscale.config import MeshConfig, OptimConfig
 from jaxscale.core import optim
 from jaxscale.core import sharding as shd
 from jaxscale.core.mesh import make_mesh
-from jaxscale.core.state import TrainState, abstract_state, init_state, num_params
+from jaxscale.core.state import TrainState, num_params
+from jaxscale.core.trees import path_str
 from jaxscale.models import build_model
+from jaxscale.run.build import abstract_state, init_state
 
 CFG = tiny_model_config()  # L=2, D=32, N=4 heads, K=2 kv heads, H=8, F=64, V=64
 L, D, N, K, F, V = 2, CFG.d_model, CFG.num_heads, CFG.num_kv_heads, CFG.d_ff, CFG.vocab_size
@@ -80,10 +82,10 @@ def test_sharding_report_agrees_with_live_arrays(fsdp8_state, model_tx):
     model, tx = model_tx
     rows = shd.sharding_report(abstract_state(model, tx, seq_len=16), mesh, rules)
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
-    live = {shd.path_str(p): x.addressable_shards[0].data.nbytes for p, x in flat}
+    live = {path_str(p): x.addressable_shards[0].data.nbytes for p, x in flat}
     assert {r.path: r.bytes_per_device for r in rows} == live
     assert {r.path: r.total_bytes for r in rows} == {
-        shd.path_str(p): x.nbytes for p, x in flat
+        path_str(p): x.nbytes for p, x in flat
     }
 
 

@@ -22,17 +22,16 @@ from jaxscale.config import MeshConfig, OptimConfig
 from jaxscale.core import optim
 from jaxscale.core import sharding as shd
 from jaxscale.core.mesh import make_mesh
-from jaxscale.core.state import init_state
 from jaxscale.core.step import (
     eval_sums_zero,
     finish_eval,
     jit_eval_step,
     jit_step,
-    lm_loss,
-    make_eval_step,
-    make_train_step,
 )
+from jaxscale.core.trees import path_str
 from jaxscale.models import build_model
+from jaxscale.run.build import init_state, make_eval_step, make_train_step
+from jaxscale.tasks.lm import lm_loss
 
 SEQ = 16
 MODEL_CFG = tiny_model_config()  # fp32, num_heads=4, num_kv_heads=2: tensor=2 divides both
@@ -59,7 +58,7 @@ def _assert_trees_close(actual, desired, **tolerance):
     flat_d, tree_d = jax.tree_util.tree_flatten_with_path(desired)
     assert tree_a == tree_d
     for (path, a), (_, d) in zip(flat_a, flat_d, strict=True):
-        np.testing.assert_allclose(a, d, err_msg=shd.path_str(path), **tolerance)
+        np.testing.assert_allclose(a, d, err_msg=path_str(path), **tolerance)
 
 
 def _assert_trees_equal(actual, desired):
@@ -67,7 +66,7 @@ def _assert_trees_equal(actual, desired):
     flat_d, tree_d = jax.tree_util.tree_flatten_with_path(desired)
     assert tree_a == tree_d
     for (path, a), (_, d) in zip(flat_a, flat_d, strict=True):
-        np.testing.assert_array_equal(a, d, err_msg=shd.path_str(path))
+        np.testing.assert_array_equal(a, d, err_msg=path_str(path))
 
 
 class Setup:
@@ -140,17 +139,47 @@ def test_training_moved_the_parameters():
         p0 = init
         for key in path:
             p0 = p0[key.key]
-        assert np.max(np.abs(p - p0)) > 5e-5, shd.path_str(path)
+        assert np.max(np.abs(p - p0)) > 5e-5, path_str(path)
 
 
 # --------------------------------------------------------------------------------------------
 # Gradient accumulation; masking; z-loss.
 
 
+def _scans(jaxpr):
+    """(length, shapes of the scanned inputs) of every scan in a jaxpr, nested ones included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            xs = eqn.invars[eqn.params["num_consts"] + eqn.params["num_carry"]:]
+            yield eqn.params["length"], [tuple(v.aval.shape) for v in xs]
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _scans(sub)
+
+
+def _loops_over(step, args, shape):
+    """Lengths of the scans in `step`'s program that slice an input of `shape` (e.g. the
+    [microbatches, rows, SEQ] tokens); the layers' scan slices parameters, not the batch."""
+    jaxpr = jax.make_jaxpr(step)(*args).jaxpr
+    return [length for length, shapes in _scans(jaxpr) if shape in shapes]
+
+
 def test_grad_accum_equals_one_big_step():
-    """grad_accum=4 over a batch of 16 == one step on all 16 (microbatches of 4, 4 batch shards)."""
+    """grad_accum=4 over a batch of 16 == one step on all 16 (microbatches of 4, 4 batch shards).
+
+    Equal results alone would also pass if grad_accum were ignored, so the step's program must
+    hold a scan of 4 iterations over [4, 4, SEQ] slices of the batch: 4 microbatches of 4 rows,
+    which the step without accumulation does not have.
+    """
     s = setup("fsdp4_tp2")
-    state, metrics = s.step(grad_accum=4)(s.fresh_state(), random_batch(16, SEQ, seed=0), RNG)
+    batch = random_batch(16, SEQ, seed=0)
+    accum_step = s.step(grad_accum=4)
+    args = (s.fresh_state(), batch, RNG)
+    assert _loops_over(accum_step, args, (4, 4, SEQ)) == [4]
+    assert _loops_over(s.step(), args, (4, 4, SEQ)) == []
+    state, metrics = accum_step(s.fresh_state(), batch, RNG)
     losses, params_1, _ = three_steps("fsdp4_tp2")
     np.testing.assert_allclose(float(metrics["loss"]), losses[0], rtol=1e-6)
     assert float(metrics["tokens"]) == 16 * SEQ

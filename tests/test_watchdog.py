@@ -184,7 +184,7 @@ HUNG_RUN = """
 import sys, time
 import jax
 import jax.numpy as jnp
-import jaxscale.core.step as step_lib
+from jaxscale.models.linen import LinenAdapter
 from jaxscale import cli
 
 calls = [0]
@@ -199,22 +199,17 @@ def maybe_hang(token):
         hang_forever()
     return jnp.zeros((), jnp.float32)
 
-model_forward = step_lib.model_forward
+apply = LinenAdapter.apply
 
-def forward_that_hangs(model):
-    forward = model_forward(model)
+def apply_that_hangs(self, params, extra, inputs, *, rng, train):
+    applied = apply(self, params, extra, inputs, rng=rng, train=train)
+    if train:  # training steps only
+        zero = jax.pure_callback(maybe_hang, jax.ShapeDtypeStruct((), jnp.float32),
+                                 inputs["inputs"][0, 0])
+        applied = applied._replace(outputs=applied.outputs + zero)
+    return applied
 
-    def wrapped(variables, batch, rng, deterministic, mutable):
-        logits, updates = forward(variables, batch, rng, deterministic, mutable)
-        if not deterministic:  # training steps only
-            zero = jax.pure_callback(maybe_hang, jax.ShapeDtypeStruct((), jnp.float32),
-                                     batch["inputs"][0, 0])
-            logits = logits + zero
-        return logits, updates
-
-    return wrapped
-
-step_lib.model_forward = forward_that_hangs
+LinenAdapter.apply = apply_that_hangs
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -299,7 +299,7 @@ def summarize(items: Iterable[Collective]) -> dict[str, KindSummary]:
 
 def format_collectives(items: Sequence[Collective]) -> str:
     """A table: kind, count and bytes per step (what a step moves per device)."""
-    from jaxscale.core.sharding import format_bytes
+    from jaxscale.core.units import format_bytes
 
     summary = summarize(items)
     sliced = sum(c.sliced_bytes * c.trips for c in items)

@@ -23,19 +23,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxscale.analysis import hlo, metrics
 from jaxscale.config import Config
 from jaxscale.core import sharding as shd
-from jaxscale.core.mesh import make_mesh
-from jaxscale.core.optim import make_optimizer, make_schedule
-from jaxscale.core.state import abstract_state, unbox
-from jaxscale.core.step import jit_step, make_train_step
-from jaxscale.models import build_model
-
-# The keys of a training batch as the data pipelines produce them (all [B, T] int32).
-BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+from jaxscale.core.units import format_bytes
+from jaxscale.run.build import Run, build
 
 # A parameter replicated on every device is worth a warning from this size up (bytes).
 REPLICATED_WARN_BYTES = 1 << 20
@@ -66,59 +59,38 @@ def capture_stderr() -> Iterator[list[str]]:
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """A train step compiled for a config, abstractly, and what it is made of."""
+    """A train step compiled for a run, abstractly, and what it is made of."""
 
-    cfg: Config
-    mesh: jax.sharding.Mesh
-    rules: shd.LogicalRules
-    abstract: Any  # the boxed abstract TrainState
-    shardings: Any  # NamedSharding per state leaf
+    run: Run  # the wiring (`jaxscale.run.build`)
     compiled: Any  # jax.stages.Compiled
     compile_s: float  # seconds spent lowering and compiling
     log: str  # what XLA logged while compiling
 
+    @property
+    def cfg(self) -> Config:
+        return self.run.cfg
 
-def abstract_batch(cfg: Config, batch_sharding: jax.sharding.NamedSharding) -> dict:
-    """ShapeDtypeStructs of one global training batch with its sharding."""
-    shape = (cfg.batch_size, cfg.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in BATCH_KEYS}
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.run.mesh
 
 
-def compile_step(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Compiled:
-    """Lower and compile the train step of `cfg` from abstract shapes (nothing is allocated).
+def compile_run(run: Run) -> Compiled:
+    """Lower and compile the run's train step from abstract shapes (nothing is allocated)."""
+    start = time.perf_counter()
+    with capture_stderr() as log:
+        compiled = run.lower().compile()
+    return Compiled(run, compiled, time.perf_counter() - start, log[0] if log else "")
 
-    Args:
-      cfg: a validated config; its mesh is built over `jax.devices()` unless `mesh` is given.
+
+def compile_step(cfg: Config, mesh: jax.sharding.Mesh | None = None, *, model: Any = None
+                 ) -> Compiled:
+    """Build `cfg`'s run (`jaxscale.run.build`) and compile its train step abstractly.
 
     Raises:
       ConfigError / ShardingError: the same checks as training, before compiling.
     """
-    from jaxscale.run.loop import check_batch
-
-    mesh = mesh or make_mesh(cfg.mesh)
-    rules = shd.resolve_rules(cfg.sharding.rules)
-    shd.check_rules(rules, mesh)
-    check_batch(cfg, mesh, rules)
-    model = build_model(cfg.model)
-    tx = make_optimizer(cfg.optim, cfg.steps)
-    abstract = abstract_state(model, tx, cfg.seq_len, cfg.seed)
-    shardings = shd.state_shardings(abstract, mesh, rules)
-    batch_sharding = shd.batch_sharding(mesh, rules)
-    step = jit_step(
-        make_train_step(model, tx, z_loss=cfg.z_loss, grad_accum=cfg.optim.grad_accum,
-                        learning_rate_fn=make_schedule(cfg.optim, cfg.steps), mesh=mesh,
-                        rules=rules),
-        shardings, batch_sharding,
-    )
-    state = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unbox(abstract), shardings
-    )
-    start = time.perf_counter()
-    batch = abstract_batch(cfg, batch_sharding)
-    with capture_stderr() as log:
-        compiled = step.lower(state, batch, jax.random.key(0)).compile()
-    return Compiled(cfg, mesh, rules, abstract, shardings, compiled, time.perf_counter() - start,
-                    log[0] if log else "")
+    return compile_run(build(cfg, model, mesh=mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +112,8 @@ class Memory:
 class Inspection:
     rows: list[shd.ReportRow]  # the sharding report, one row per state leaf
     memory: Memory
-    flops_per_step: float  # model FLOPs per step (causal count, all devices)
+    flops_per_step: float  # model FLOPs per step, all devices (the task's formula, else XLA's)
+    flops_source: str  # "model" (the task's causal count) or "XLA" (cost analysis)
     xla_flops_per_device: float | None  # XLA's count for the compiled step (loops counted once)
     collectives: list[hlo.Collective]
     warnings: list[str]
@@ -152,7 +125,7 @@ class Inspection:
         return hlo.summarize(self.collectives)
 
     def format(self) -> str:
-        fb = shd.format_bytes
+        fb = format_bytes
         m = self.memory
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh_shape.items() if v > 1) or "1 device"
         lines = [f"mesh: {mesh} ({self.num_devices} devices); compiled in {self.compile_s:.1f}s",
@@ -165,7 +138,7 @@ class Inspection:
                  f"  activations/temps {fb(m.temps):>12}   (XLA temp buffers)",
                  f"  peak              {fb(m.peak):>12}   (arguments {fb(m.arguments)} + outputs "
                  f"{fb(m.outputs)} + temps - donated/aliased {fb(m.aliased)})",
-                 "", f"FLOPs per step: {self.flops_per_step:.4g} (model, causal count; "
+                 "", f"FLOPs per step: {self.flops_per_step:.4g} ({self.flops_source} count; "
                  f"{self.flops_per_step / self.num_devices:.4g} per device)"]
         if self.xla_flops_per_device:
             lines.append(f"  XLA cost analysis: {self.xla_flops_per_device:.4g} per device "
@@ -179,8 +152,8 @@ class Inspection:
 def inspect_compiled(c: Compiled, *, replicated_warn_bytes: int = REPLICATED_WARN_BYTES
                      ) -> Inspection:
     """The report of an already compiled step (see `compile_step`)."""
-    cfg = c.cfg
-    rows = shd.sharding_report(c.abstract, c.mesh, c.rules)
+    run = c.run
+    rows = shd.sharding_report(run.abstract, run.mesh, run.rules)
     stats = metrics.compiled_stats(c.compiled)
     by_part: dict[str, int] = {"params": 0, "opt_state": 0}
     other = 0
@@ -190,9 +163,9 @@ def inspect_compiled(c: Compiled, *, replicated_warn_bytes: int = REPLICATED_WAR
             by_part[head] += r.bytes_per_device
         else:
             other += r.bytes_per_device
-    batch_sharding = shd.batch_sharding(c.mesh, c.rules)
-    batch_bytes = len(BATCH_KEYS) * shd.bytes_per_device(
-        (cfg.batch_size, cfg.seq_len), np.int32, batch_sharding)
+    batch_bytes = sum(
+        shd.bytes_per_device(f.shape, f.dtype, run.batch_shardings[k])
+        for k, f in run.batch_spec.items())
     memory = Memory(
         params=by_part["params"], optimizer=by_part["opt_state"], other_state=other,
         batch=batch_bytes, temps=stats.temp_bytes, arguments=stats.argument_bytes,
@@ -201,9 +174,12 @@ def inspect_compiled(c: Compiled, *, replicated_warn_bytes: int = REPLICATED_WAR
     num_devices = c.mesh.devices.size
     collectives = hlo.collectives(c.compiled.as_text(), num_devices)
     warnings = _warnings(rows, memory, c.log, num_devices, replicated_warn_bytes)
-    flops = metrics.flops_per_token(cfg.model, cfg.seq_len).causal_per_token
+    per_example = run.flops_per_example()
+    flops = (per_example * run.cfg.batch_size if per_example is not None
+             else (stats.flops or 0.0) * num_devices)
     return Inspection(
-        rows=rows, memory=memory, flops_per_step=flops * cfg.batch_size * cfg.seq_len,
+        rows=rows, memory=memory, flops_per_step=flops,
+        flops_source="model" if per_example is not None else "XLA",
         xla_flops_per_device=stats.flops, collectives=collectives, warnings=warnings,
         num_devices=num_devices, mesh_shape=dict(c.mesh.shape), compile_s=c.compile_s,
     )
@@ -215,13 +191,13 @@ def _warnings(rows, memory: Memory, log: str, num_devices: int, threshold: int) 
         for r in rows:
             replicated = all(t is None for t in r.spec) and r.bytes_per_device == r.total_bytes
             if r.path.startswith("params/") and replicated and r.total_bytes >= threshold:
-                out.append(f"parameter {r.path} ({shd.format_bytes(r.total_bytes)}) is replicated "
+                out.append(f"parameter {r.path} ({format_bytes(r.total_bytes)}) is replicated "
                            f"on all {num_devices} devices; shard it (e.g. sharding.rules=fsdp)")
     for line in hlo.involuntary_remats(log):
         out.append(f"XLA: {line[line.find(hlo.INVOLUNTARY_REMAT):][:300]}")
     state = memory.params + memory.optimizer + memory.other_state
     if memory.aliased < state:
-        out.append(f"only {shd.format_bytes(memory.aliased)} of the {shd.format_bytes(state)} "
+        out.append(f"only {format_bytes(memory.aliased)} of the {format_bytes(state)} "
                    "train state per device is updated in place (donation); the rest is copied")
     return out
 

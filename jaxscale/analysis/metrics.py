@@ -48,8 +48,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> Flops:
     """Training FLOPs per token of the decoder described by `cfg` (see the module docstring)."""
     L, D, F, V = cfg.num_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
     N = cfg.num_heads
-    K = cfg.num_kv_heads or N
-    H = cfg.head_dim or D // N
+    K, H = cfg.kv_heads, cfg.head_size
     n_mlp = 3 if cfg.mlp == "swiglu" else 2
     matmul = L * (D * N * H + 2 * D * K * H + N * H * D + n_mlp * D * F) + D * V
     attention = 12 * L * seq_len * N * H

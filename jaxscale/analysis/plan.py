@@ -27,9 +27,8 @@ so TPU targets are compiled with it, [T, S] scores included.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ from jaxscale import config as config_lib
 from jaxscale.analysis import hlo, metrics
 from jaxscale.config import Config, ConfigError
 from jaxscale.core import sharding as shd
+from jaxscale.core.units import format_bytes
 from jaxscale.errors import ShardingError
 
 
@@ -80,8 +80,6 @@ TARGETS: dict[str, Target] = {
 # ones after it (they keep more). offload_dots is left out: the CPU compiler that plans cannot
 # place buffers in the target's pinned host memory, so its memory would be misreported.
 DEFAULT_REMATS = ("full", "minimal", "none")
-_RING = {"all-gather": "n-1/n", "reduce-scatter": "n-1/n", "all-to-all": "n-1/n",
-         "all-reduce": "2(n-1)/n", "collective-permute": "1"}
 
 # Forward pieces each policy recomputes in the backward pass (per layer). Pieces: qkv
 # projections, attn (the two attention matmuls), out projection, mlp_in (up/gate), mlp_out.
@@ -190,7 +188,6 @@ def candidates(cfg: Config, num_devices: int, target: Target,
     communication.
     """
     m = cfg.model
-    kv = m.num_kv_heads or m.num_heads
     meshes: list[tuple[str, tuple[tuple[str, int], ...], str]] = [
         ("dp", (("data", num_devices),), "dp"),
         ("fsdp", (("fsdp", num_devices),), "fsdp"),
@@ -200,9 +197,8 @@ def candidates(cfg: Config, num_devices: int, target: Target,
         if fsdp < num_devices and num_devices % fsdp == 0:
             meshes.append(("hsdp", (("data", num_devices // fsdp), ("fsdp", fsdp)), "hsdp"))
     for tensor in (2, 4, 8):
-        if (tensor <= node and num_devices % tensor == 0 and num_devices > tensor
-                and m.num_heads % tensor == 0 and kv % tensor == 0 and m.d_ff % tensor == 0
-                and m.vocab_size % tensor == 0):
+        divides = all(n % tensor == 0 for n in (m.num_heads, m.kv_heads, m.d_ff, m.vocab_size))
+        if tensor <= node and num_devices % tensor == 0 and num_devices > tensor and divides:
             meshes.append(("fsdp_tp", (("fsdp", num_devices // tensor), ("tensor", tensor)),
                            "fsdp_tp"))
     return [Candidate(s, mesh, rules, r) for s, mesh, rules in meshes for r in remats]
@@ -214,8 +210,7 @@ def compute_seconds(cfg: Config, remat: str, num_devices: int, target: Target) -
     m = cfg.model
     L, D, F, T = m.num_layers, m.d_model, m.d_ff, cfg.seq_len
     N = m.num_heads
-    K = m.num_kv_heads or N
-    H = m.head_dim or D // N
+    K, H = m.kv_heads, m.head_size
     flops = metrics.flops_per_token(m, T)
     attn_fwd = 2 * T * N * H * (1 if target.fused_attention else 2)  # causal kernel vs full scores
     per_token = flops.causal_per_token if target.fused_attention else flops.noncausal_per_token
@@ -272,59 +267,38 @@ def _standin_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, implementation):
     return attend(q_BTNH, k_BSKH, v_BSKH)
 
 
-@contextlib.contextmanager
-def _attention(fused: bool) -> Iterator[None]:
-    """Compile jaxscale's decoder with the flash stand-in while in the block (when `fused`)."""
-    from jaxscale.models import decoder
-
-    if not fused:
-        yield
-        return
-    original = decoder.attention
-    decoder.attention = _standin_attention
-    try:
-        yield
-    finally:
-        decoder.attention = original
-
-
 def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
              limit_bytes: float) -> Estimate:
     """Compile one candidate abstractly and estimate its memory and step time."""
-    from jaxscale.analysis.inspection import compile_step
+    from jaxscale.analysis.inspection import compile_run
     from jaxscale.core.mesh import make_mesh
-    from jaxscale.core.state import abstract_state
+    from jaxscale.models import adapt
+    from jaxscale.models.decoder import Decoder
+    from jaxscale.run.build import build
 
     try:
         c_cfg = config_lib.load_tree(config_lib.to_dict(cfg), cand.overrides)
     except ConfigError as e:
         return Estimate(cand, f"invalid: {e}")
-    devices = jax.devices()[:num_devices]
-    mesh = make_mesh(c_cfg.mesh, devices=devices)
-    rules = shd.resolve_rules(c_cfg.sharding.rules)
-    # Parameters + optimizer state from the shardings alone: no compile needed to reject.
-    from jaxscale.core.optim import make_optimizer
-    from jaxscale.models import build_model
-
+    mesh = make_mesh(c_cfg.mesh, devices=jax.devices()[:num_devices])
+    # GPU targets run cuDNN's fused attention, which the CPU compiler lacks: compile a stand-in
+    # with its memory footprint (see the module docstring).
+    model = adapt(Decoder(c_cfg.model, attention_fn=_standin_attention if target.fused_attention
+                          else None), config=c_cfg.model)
     try:
-        abstract = abstract_state(build_model(c_cfg.model), make_optimizer(c_cfg.optim, 10),
-                                  c_cfg.seq_len, c_cfg.seed)
-        rows = shd.sharding_report(abstract, mesh, rules)
-    except ShardingError as e:
+        run = build(c_cfg, model, mesh=mesh)
+    except (ConfigError, ShardingError) as e:
         return Estimate(cand, f"invalid: {e}")
+    # Parameters + optimizer state from the shardings alone: no compile needed to reject.
+    rows = shd.sharding_report(run.abstract, mesh, run.rules)
     state = sum(r.bytes_per_device for r in rows)
     grads = sum(r.bytes_per_device for r in rows if r.path.startswith("params/"))
     est = Estimate(cand, "", state_bytes=state)
     if state + grads > limit_bytes:  # the state and one gradient per parameter, at the least
-        est.status = (f"does not fit (state {shd.format_bytes(state)} + gradients "
-                      f"{shd.format_bytes(grads)} per device)")
+        est.status = (f"does not fit (state {format_bytes(state)} + gradients "
+                      f"{format_bytes(grads)} per device)")
         return est
-    try:
-        with _attention(target.fused_attention):
-            compiled = compile_step(c_cfg, mesh)
-    except (ConfigError, ShardingError) as e:
-        est.status = f"invalid: {e}"
-        return est
+    compiled = compile_run(run)
     stats = metrics.compiled_stats(compiled.compiled)
     est.temp_bytes, est.peak_bytes, est.compile_s = stats.temp_bytes, stats.peak_bytes, \
         compiled.compile_s
@@ -379,7 +353,7 @@ def _group(cands: list[Candidate]) -> list[list[Candidate]]:
 
 
 def format_row(e: Estimate) -> str:
-    fb = shd.format_bytes
+    fb = format_bytes
     c = e.candidate
     head = f"{c.strategy:<8} {c.label:<22} {c.remat:<8}"
     if not e.compute_s:
@@ -401,7 +375,7 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"plan: {cfg.model.num_layers} layers x d_model {cfg.model.d_model}, batch "
         f"{cfg.batch_size} x {cfg.seq_len} tokens on {p.num_devices} x {p.target_name} "
-        f"({p.target.description}); memory limit {shd.format_bytes(p.hbm_bytes)} x "
+        f"({p.target.description}); memory limit {format_bytes(p.hbm_bytes)} x "
         f"{p.usable_fraction:.2f}; peak {p.target.peak_flops / 1e12:.0f} TFLOP/s, links "
         f"{p.target.intra_bw / 1e9:.0f} GB/s in a node of {p.target.devices_per_node}, "
         f"{p.target.inter_bw / 1e9:.0f} GB/s across",
@@ -420,6 +394,6 @@ def format_plan(p: Plan) -> str:
             f"recommendation: {c.strategy} {c.label}, remat={c.remat}: about "
             f"{_ms(best.step_s)} ms per step ({tokens / best.step_s:,.0f} tokens/s at "
             f"{100 * best.mfu_bound:.0f}% MFU if compute ran at peak; real steps reach ~40-55% "
-            f"of it), {shd.format_bytes(best.peak_bytes)} per device\n  jaxscale train "
+            f"of it), {format_bytes(best.peak_bytes)} per device\n  jaxscale train "
             f"--config ... {' '.join(c.overrides)}")
     return "\n".join(lines)

@@ -32,10 +32,9 @@ import jaxscale
 from jaxscale import config as config_lib
 from jaxscale.checkpoint.checks import check_resumable, check_tree, corrupt_error
 from jaxscale.config import Config
-from jaxscale.core.sharding import path_str
 from jaxscale.core.state import TrainState, unbox
-from jaxscale.errors import CheckpointError, Preempted
-from jaxscale.run.preemption import StopWatch
+from jaxscale.core.trees import path_str
+from jaxscale.errors import CheckpointError
 
 _JSON_ITEMS = ("data", "rng", "meta")
 
@@ -95,7 +94,7 @@ class Resumed(NamedTuple):
 class Checkpointer:
     """Saves and restores a run's state with an orbax CheckpointManager.
 
-    Usage (see jaxscale/trainer.py)::
+    Usage (the loop's checkpoint hook, jaxscale/run/hooks.py, does this)::
 
         with Checkpointer(cfg, mesh) as ckpt:
             state, rng, data_state = ckpt.restore_or_init(init, abstract, shardings, rng=rng)
@@ -103,14 +102,13 @@ class Checkpointer:
             for step in ...:
                 ...
                 if ckpt.should_save(done):
-                    ckpt.save(done, state, batches.get_state())  # raises Preempted on a stop
+                    ckpt.save(done, state, batches.get_state())
 
     Errors of a background save are raised as CheckpointError by the next `save`, `wait` or
     `close`.
     """
 
-    def __init__(self, cfg: Config, mesh: Mesh, *, watch: StopWatch | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(self, cfg: Config, mesh: Mesh, *, log: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.mesh = mesh
         self.directory = checkpoint_dir(cfg)
@@ -118,11 +116,10 @@ class Checkpointer:
             enable_async_checkpointing=cfg.checkpoint.async_save,
             cleanup_tmp_directories=True, create=True, **_policies(cfg),
         ))
-        self.watch = watch or StopWatch()
         self._log = log or (lambda m: print(m, flush=True) if jax.process_index() == 0 else None)
         self._rng: dict[str, Any] | None = None
         self._in_flight: int | None = None  # the last step handed to orbax, maybe still writing
-        self._stop_step: int | None = None
+        self.saved_step: int | None = None  # the last step handed to orbax
         self._closed = False
 
     # -- restore -------------------------------------------------------------------------------
@@ -197,17 +194,11 @@ class Checkpointer:
     # -- save ----------------------------------------------------------------------------------
 
     def should_save(self, step: int) -> bool:
-        """Whether to save after `step`: the interval, the last step, or an agreed stop.
-
-        Call it on every process after every step (the stop agreement is collective).
-        """
-        if self.watch.should_stop(step):
-            self._stop_step = step
-            return True
+        """Whether to save after `step`: the interval or the last step."""
         return self._manager.should_save(step)
 
     def save(self, step: int, state: TrainState, data_state: Mapping[str, Any]) -> None:
-        """Start saving `state` as `step` (async by default); raises Preempted after a stop.
+        """Start saving `state` as `step` (async by default).
 
         Args:
           step: optimizer steps taken (state.step).
@@ -235,13 +226,7 @@ class Checkpointer:
             self._manager.save(step, args=args, force=True)
         except Exception as e:
             raise self._save_error(step, e) from e
-        self._in_flight = step
-        if step == self._stop_step and step < self.cfg.steps:  # (at the last step: just finish)
-            self.wait()
-            raise Preempted(
-                f"stopped on {self.watch.signal_name} after step {step}; checkpoint saved in "
-                f"{self.directory}. Run the same command again to resume"
-            )
+        self._in_flight = self.saved_step = step
 
     def wait(self) -> None:
         """Block until the save in flight has committed; raise CheckpointError if it failed."""
@@ -273,7 +258,6 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
-        self.watch.close()
         error = None
         try:
             self.wait()

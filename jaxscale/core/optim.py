@@ -13,13 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxscale.config import ConfigError, OptimConfig
-from jaxscale.core.sharding import path_str
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from jaxscale.core.dtypes import dtype
+from jaxscale.core.trees import path_str
 
 
 def _warmup(cfg: OptimConfig) -> optax.Schedule:
@@ -98,14 +96,14 @@ def decay_mask(patterns: tuple[str, ...]) -> Callable[[Any], Any]:
 def _adamw(cfg: OptimConfig, lr: optax.Schedule, mask) -> optax.GradientTransformation:
     return optax.adamw(
         lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask,
-        mu_dtype=_DTYPES[cfg.moment_dtype],
+        mu_dtype=dtype(cfg.moment_dtype),
     )
 
 
 def _lion(cfg: OptimConfig, lr: optax.Schedule, mask) -> optax.GradientTransformation:
     return optax.lion(
         lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask,
-        mu_dtype=_DTYPES[cfg.moment_dtype],
+        mu_dtype=dtype(cfg.moment_dtype),
     )
 
 
@@ -116,7 +114,7 @@ def _adafactor(cfg: OptimConfig, lr: optax.Schedule, mask) -> optax.GradientTran
     return optax.chain(
         optax.adafactor(
             None, multiply_by_parameter_scale=False, momentum=cfg.b1 or None,
-            dtype_momentum=_DTYPES[cfg.moment_dtype],
+            dtype_momentum=dtype(cfg.moment_dtype),
             weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask,
         ),
         optax.scale_by_learning_rate(lr, flip_sign=False),
@@ -127,7 +125,7 @@ def _sgd(cfg: OptimConfig, lr: optax.Schedule, mask) -> optax.GradientTransforma
     """SGD (with momentum) and decoupled weight decay: p -= lr * (momentum_update + wd * p)."""
     momentum = (
         optax.trace(cfg.momentum, nesterov=cfg.nesterov,
-                    accumulator_dtype=_DTYPES[cfg.moment_dtype])
+                    accumulator_dtype=dtype(cfg.moment_dtype))
         if cfg.momentum else optax.identity()
     )
     return optax.chain(

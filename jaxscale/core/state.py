@@ -30,8 +30,13 @@ class TrainState:
     skipped_steps: jax.Array  # int32 scalar: updates dropped for a non-finite loss or gradient
 
 
+VariablesFn = Callable[[jax.Array], tuple[Any, Any]]
+"""``variables_fn(rng) -> (params, extra)``: a model's initial parameters (leaves boxed with their
+logical names, `nn.Partitioned`) and its other collections; see `jaxscale.run.build`."""
+
+
 def make_init_fn(
-    model: nn.Module, tx: optax.GradientTransformation, seq_len: int
+    variables_fn: VariablesFn, tx: optax.GradientTransformation
 ) -> Callable[[jax.Array], TrainState]:
     """A function rng -> TrainState whose parameters are still boxed with their logical axes.
 
@@ -40,14 +45,12 @@ def make_init_fn(
     """
 
     def init_fn(rng: jax.Array) -> TrainState:
-        tokens_BT = jnp.zeros((1, seq_len), jnp.int32)
-        variables = dict(model.init({"params": rng, "dropout": rng}, tokens_BT, deterministic=True))
-        boxed_params = variables.pop("params")
+        boxed_params, extra = variables_fn(rng)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=boxed_params,
             opt_state=tx.init(nn.unbox(boxed_params)),
-            extra=variables,
+            extra=dict(extra),
             skipped_steps=jnp.zeros((), jnp.int32),
         )
 
@@ -60,29 +63,33 @@ def unbox(state: TrainState) -> TrainState:
 
 
 def abstract_state(
-    model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int = 0
+    variables_fn: VariablesFn, tx: optax.GradientTransformation, seed: int = 0
 ) -> TrainState:
     """Shapes and dtypes of the boxed state, computed without allocating anything."""
-    return jax.eval_shape(make_init_fn(model, tx, seq_len), jax.random.key(seed))
+    return jax.eval_shape(make_init_fn(variables_fn, tx), jax.random.key(seed))
 
 
 def init_state(
-    model: nn.Module,
+    variables_fn: VariablesFn,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rules: shd.LogicalRules,
     *,
-    seq_len: int,
     seed: int = 0,
+    shardings: Any = None,
 ) -> tuple[TrainState, TrainState]:
     """Initialise a TrainState sharded over `mesh` by `rules`.
+
+    Args:
+      shardings: the state's shardings when already computed (`sharding.state_shardings`).
 
     Returns:
       (state, shardings): the state, and a TrainState-shaped tree of NamedShardings to jit with.
     """
-    init_fn = make_init_fn(model, tx, seq_len)
+    init_fn = make_init_fn(variables_fn, tx)
     rng = jax.random.key(seed)
-    shardings = shd.state_shardings(jax.eval_shape(init_fn, rng), mesh, rules)
+    if shardings is None:
+        shardings = shd.state_shardings(jax.eval_shape(init_fn, rng), mesh, rules)
     state = jax.jit(lambda r: unbox(init_fn(r)), out_shardings=shardings)(rng)
     return state, shardings
 

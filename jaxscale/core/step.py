@@ -1,25 +1,22 @@
 """The functional train-step builder.
 
-`make_train_step` returns a pure function ``(state, batch, rng) -> (state, metrics)``; `jit_step`
-compiles it with the state's shardings, the batch sharding and the state donated. Everything the
-step does is in that one function: gradient accumulation, the non-finite guard and the metrics are
-parts of it, not alternative paths through it.
+`make_train_step` returns a pure function ``(state, batch, rng) -> (state, metrics)``, composed of
+three parts: `gradient` (float32 gradients of an objective's sum), `microbatched` (today's
+`lax.scan` accumulation over strided microbatches) and `guarded_update` (the optimizer update,
+dropped when the loss or the gradient is not finite). Features wrap these parts; no flag opens a
+second path through them. `jit_step` compiles the step with the state's shardings, the batch's
+and the state donated.
 
-A batch is a dict of [B, T] arrays:
-  inputs       int32 token ids fed to the model
-  targets      int32 next-token ids; negative ids are ignored by the loss
-  loss_mask    optional, 1 where a target counts and 0 where it does not
-  positions    optional, position of each token within its document (packing)
-  segment_ids  optional, document id of each token; attention stays within a document
+The step knows nothing of what a batch holds: the objective (a task's loss over a model's
+outputs, `jaxscale.tasks.objective`) reads the batch, and `batch_axes` names its dimensions.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -42,60 +39,14 @@ class LossOutput(NamedTuple):
     sums: dict[str, jax.Array]  # further per-token sums to report, divided by `weight`
 
 
-def token_weights(batch: Batch) -> jax.Array:
-    """1.0 where a target counts: a non-negative target and a non-zero loss_mask (if any)."""
-    weight_BT = (batch["targets"] >= 0).astype(jnp.float32)
-    if "loss_mask" in batch:
-        weight_BT = weight_BT * batch["loss_mask"].astype(jnp.float32)
-    return weight_BT
+Objective = Callable[..., tuple[LossOutput, Any]]
+"""``objective(params, extra, batch, rng, train) -> (LossOutput, new_extra)``: the model called on
+a batch and its loss as sums (a task's loss over a model adapter's outputs; see
+`jaxscale.tasks.objective`). `extra` holds the model's other collections (e.g. batch statistics);
+`rng` is None for evaluation."""
 
-
-def lm_loss(logits_BTV: jax.Array, batch: Batch, *, z_loss: float = 0.0) -> LossOutput:
-    """Next-token cross-entropy (float32) with masking and optional z-loss.
-
-    The z-loss, ``z_loss * logsumexp(logits)**2``, keeps the softmax normaliser near 1.
-    The reported "loss" is the cross-entropy alone.
-    """
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    weight_BT = token_weights(batch)
-    targets_BT = jnp.maximum(batch["targets"], 0)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    # A one-hot contraction keeps the vocab dimension shardable (no gather across devices).
-    target_logit_BT = jnp.einsum(
-        "btv,btv->bt", logits_BTV, jax.nn.one_hot(targets_BT, logits_BTV.shape[-1])
-    )
-    ce_sum = jnp.sum((lse_BT - target_logit_BT) * weight_BT)
-    z_sum = jnp.sum(jnp.square(lse_BT) * weight_BT)
-    return LossOutput(
-        objective=ce_sum + z_loss * z_sum,
-        weight=jnp.sum(weight_BT),
-        sums={"loss": ce_sum, "z_loss": z_sum},
-    )
-
-
-LossFn = Callable[[jax.Array, Batch], LossOutput]
-ForwardFn = Callable[..., Any]
-
-
-def model_forward(model: nn.Module) -> ForwardFn:
-    """Calls a model that follows the jaxscale model interface on a batch.
-
-    Returns a function ``(variables, batch, rng, deterministic, mutable) -> (logits, updates)``.
-    """
-
-    def forward(variables, batch, rng, deterministic, mutable):
-        out = model.apply(
-            variables,
-            batch["inputs"],
-            batch.get("positions"),
-            batch.get("segment_ids"),
-            deterministic=deterministic,
-            rngs={} if rng is None else {"dropout": rng},
-            mutable=mutable,
-        )
-        return out if mutable else (out, {})
-
-    return forward
+GradFn = Callable[..., tuple[Any, LossOutput, Any]]
+"""``grad_fn(params, extra, batch, rng) -> (float32 gradient sums, LossOutput, new_extra)``."""
 
 
 def _microbatches(batch: Batch, num: int) -> Batch:
@@ -112,33 +63,106 @@ def _microbatches(batch: Batch, num: int) -> Batch:
     return jax.tree_util.tree_map(split, batch)
 
 
-def _constrain_batch(batch: Batch) -> Batch:
-    return jax.tree_util.tree_map(lambda x: shd.constrain(x, ("batch", "length")[: x.ndim]), batch)
+def constrain_batch(batch: Batch, batch_axes: Mapping[str, Sequence[str | None]] | None) -> Batch:
+    """Constrain every batch field by its logical names (a field not named: by its batch dim)."""
+    axes = batch_axes or {}
+    return {k: shd.constrain(x, tuple(axes.get(k, ("batch",) + (None,) * (x.ndim - 1))))
+            for k, x in batch.items()}
+
+
+def gradient(objective: Objective, batch_axes=None) -> GradFn:
+    """The gradient of the objective's sum, in float32, with its loss sums and new collections."""
+
+    def sum_loss(params, extra, batch, rng):
+        out, new_extra = objective(params, extra, constrain_batch(batch, batch_axes), rng, True)
+        return out.objective, (out, new_extra)
+
+    grad_fn = jax.grad(sum_loss, has_aux=True)
+
+    def fn(params, extra, batch, rng):
+        grads, (out, new_extra) = grad_fn(params, extra, batch, rng)
+        return jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads), out, new_extra
+
+    return fn
+
+
+def microbatched(grad_fn: GradFn, num: int) -> GradFn:
+    """Sum `grad_fn` over `num` strided microbatches of the batch with a `lax.scan`.
+
+    Gradients and loss sums accumulate in float32; the collections (e.g. batch statistics) flow
+    from one microbatch to the next; microbatch i draws from ``fold_in(rng, i)``.
+    """
+    if num == 1:
+        return grad_fn
+
+    def fn(params, extra, batch, rng):
+        def body(carry, xs):
+            grads_acc, out_acc, extra = carry
+            micro, index = xs
+            grads, out, new_extra = grad_fn(params, extra, micro, jax.random.fold_in(rng, index))
+            grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
+            out_acc = jax.tree_util.tree_map(jnp.add, out_acc, out)
+            return (grads_acc, out_acc, new_extra), None
+
+        micro = _microbatches(batch, num)
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        _, out_shape, _ = jax.eval_shape(grad_fn, params, extra, first, rng)
+        zeros = (jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), params),
+                 jax.tree_util.tree_map(jnp.zeros_like, out_shape), extra)
+        (grads, out, extra), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(num)))
+        return grads, out, extra
+
+    return fn
+
+
+def guarded_update(tx: optax.GradientTransformation):
+    """``update(state, grads, objective, extra) -> (state, grad_norm, finite)``.
+
+    Applies the mean gradients unless the objective or the gradient norm is not finite; then the
+    parameters, optimizer state and collections stay as they were and `skipped_steps` grows.
+    """
+
+    def update(state: TrainState, grads: Any, objective: jax.Array, extra: Any):
+        grad_norm = _tree_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+        keep = functools.partial(
+            jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old)
+        )
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            extra=keep(extra, state.extra),
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        )
+        return new_state, grad_norm, finite
+
+    return update
 
 
 def make_train_step(
-    model: nn.Module,
+    objective: Objective,
     tx: optax.GradientTransformation,
     *,
-    loss_fn: LossFn | None = None,
-    z_loss: float = 0.0,
     grad_accum: int = 1,
     learning_rate_fn: optax.Schedule | None = None,
     mesh: Mesh | None = None,
     rules: shd.LogicalRules = (),
-    forward_fn: ForwardFn | None = None,
+    batch_axes: Mapping[str, Sequence[str | None]] | None = None,
+    weight_name: str = "tokens",
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
-    """Build the pure training step.
+    """Build the pure training step: `gradient` -> `microbatched` -> `guarded_update`.
 
     Args:
-      model: a Flax module following the jaxscale model interface (see `jaxscale.models`).
+      objective: ``(params, extra, batch, rng, train) -> (LossOutput, new_extra)``.
       tx: the optax transformation (`optim.make_optimizer`).
-      loss_fn: ``(logits, batch) -> LossOutput`` of sums; default next-token cross-entropy.
-      z_loss: weight of the z-loss in the default loss.
       grad_accum: microbatches per step; gradients are summed in float32 over a `lax.scan`.
       learning_rate_fn: the schedule, to report the learning rate in the metrics.
       mesh, rules: when given, activations are constrained by the rules while tracing.
-      forward_fn: replaces `model_forward(model)` for models with another call signature.
+      batch_axes: logical names of every batch field (the task's batch spec).
+      weight_name: the metric that reports the loss weight (counted tokens or examples).
 
     Returns:
       ``train_step(state, batch, rng) -> (state, metrics)``. The step's RNG is
@@ -146,76 +170,24 @@ def make_train_step(
       loss or the gradient norm is not finite the update is dropped (parameters and optimizer
       state unchanged), `skipped_steps` grows, and ``metrics["finite"]`` is False.
     """
-    loss_fn = loss_fn or functools.partial(lm_loss, z_loss=z_loss)
-    forward = forward_fn or model_forward(model)
-
-    def sum_loss(params, extra, batch, rng):
-        mutable = tuple(extra) if extra else False
-        logits, updates = forward({"params": params, **extra}, batch, rng, False, mutable)
-        out = loss_fn(logits, batch)
-        return out.objective, (out, dict(updates))
-
-    grad_fn = jax.grad(sum_loss, has_aux=True)
-
-    def accumulate(state: TrainState, batch: Batch, rng: jax.Array):
-        """Summed float32 gradients, loss sums and updated collections over the microbatches."""
-        if grad_accum == 1:
-            grads, (out, extra) = grad_fn(state.params, state.extra, _constrain_batch(batch), rng)
-            grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
-            return grads, out, extra or state.extra
-
-        def body(carry, xs):
-            grads_acc, out_acc, extra = carry
-            micro, index = xs
-            grads, (out, updates) = grad_fn(
-                state.params, extra, _constrain_batch(micro), jax.random.fold_in(rng, index)
-            )
-            grads_acc = jax.tree_util.tree_map(
-                lambda a, g: a + g.astype(jnp.float32), grads_acc, grads
-            )
-            out_acc = jax.tree_util.tree_map(jnp.add, out_acc, out)
-            return (grads_acc, out_acc, updates or extra), None
-
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), state.params)
-        micro = _microbatches(batch, grad_accum)
-        first = jax.tree_util.tree_map(lambda x: x[0], micro)
-        out_zeros = jax.tree_util.tree_map(
-            jnp.zeros_like,
-            jax.eval_shape(lambda: sum_loss(state.params, state.extra, first, rng)[1][0]),
-        )
-        (grads, out, extra), _ = jax.lax.scan(
-            body, (zeros, out_zeros, state.extra), (micro, jnp.arange(grad_accum))
-        )
-        return grads, out, extra
+    grad_fn = microbatched(gradient(objective, batch_axes), grad_accum)
+    update = guarded_update(tx)
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         with shd.activation_sharding(mesh, rules):
             rng = jax.random.fold_in(rng, state.step)
-            grads, out, extra = accumulate(state, batch, rng)
+            grads, out, extra = grad_fn(state.params, state.extra, batch, rng)
             weight = jnp.maximum(out.weight, 1.0)
             grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
-            grad_norm = _tree_norm(grads)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            finite = jnp.isfinite(out.objective) & jnp.isfinite(grad_norm)
-            keep = functools.partial(
-                jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old)
-            )
-            new_state = state.replace(
-                step=state.step + 1,
-                params=keep(params, state.params),
-                opt_state=keep(opt_state, state.opt_state),
-                extra=keep(extra, state.extra),
-                skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
-            )
+            new_state, grad_norm, finite = update(state, grads, out.objective, extra)
             metrics = {"loss": out.objective / weight}
             metrics.update({k: v / weight for k, v in out.sums.items()})
             metrics.update(
                 grad_norm=grad_norm,
-                tokens=out.weight,
                 finite=finite,
                 skipped_steps=new_state.skipped_steps,
             )
+            metrics[weight_name] = out.weight
             if learning_rate_fn is not None:
                 metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
         return new_state, metrics
@@ -224,12 +196,11 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module,
+    objective: Objective,
     *,
-    loss_fn: LossFn | None = None,
     mesh: Mesh | None = None,
     rules: shd.LogicalRules = (),
-    forward_fn: ForwardFn | None = None,
+    batch_axes: Mapping[str, Sequence[str | None]] | None = None,
 ) -> Callable[[TrainState, Batch, Metrics], Metrics]:
     """Build the pure evaluation step ``(state, batch, sums) -> sums``.
 
@@ -239,14 +210,11 @@ def make_eval_step(
     depend on the previous one, so no two of them run at once (on simulated CPU devices two
     independent programs with collectives can deadlock each other).
     """
-    loss_fn = loss_fn or lm_loss
-    forward = forward_fn or model_forward(model)
 
     def eval_step(state: TrainState, batch: Batch, sums: Metrics) -> Metrics:
         with shd.activation_sharding(mesh, rules):
-            variables = {"params": state.params, **state.extra}
-            logits, _ = forward(variables, _constrain_batch(batch), None, True, False)
-            out = loss_fn(logits, batch)
+            out, _ = objective(state.params, state.extra, constrain_batch(batch, batch_axes),
+                               None, False)
         new = {"objective": out.objective, "weight": out.weight, **out.sums}
         return {k: sums.get(k, 0.0) + v for k, v in new.items()}
 

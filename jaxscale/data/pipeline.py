@@ -81,9 +81,11 @@ class DataPipeline:
     """Global batches of one split, addressed by step.
 
     Attributes:
-      records: random-access records (`len`, `[i]`) of T tokens each.
-      global_batch: sequences per step, over all processes.
-      sharding: the batch's sharding (from `sharding.batch_sharding`).
+      records: random-access records (`len`, `[i]`): dicts of arrays of fixed shapes (e.g. T
+        tokens, or an image and its label).
+      global_batch: records per step, over all processes.
+      sharding: the batch's sharding: one for every field, or a dict of one per field (from
+        `sharding.batch_shardings` of the task's batch spec).
       seed: shuffles the records (reshuffled every epoch); the stream depends on nothing else.
       shuffle: False keeps the records' order (evaluation).
       num_threads, prefetch: background reader threads and batches read ahead.
@@ -94,7 +96,7 @@ class DataPipeline:
 
     records: Any
     global_batch: int
-    sharding: NamedSharding
+    sharding: NamedSharding | dict[str, NamedSharding]
     seed: int = 0
     shuffle: bool = True
     num_threads: int = 2
@@ -111,10 +113,13 @@ class DataPipeline:
         if self.shuffle:
             indices = indices.shuffle(seed=self.seed)
         self._indices = indices.repeat(None)
-        seq_len = len(self.records[0]["inputs"])
-        self.global_shape = (self.global_batch, seq_len)
+        first = self.records[0]
+        self.global_shapes = {k: (self.global_batch, *np.shape(v)) for k, v in first.items()}
+        self.shardings = (dict(self.sharding) if isinstance(self.sharding, dict)
+                          else dict.fromkeys(first, self.sharding))
         if self.rows is None:
-            self.rows = process_rows(self.sharding, self.global_shape)
+            key = next(iter(first))
+            self.rows = process_rows(self.shardings[key], self.global_shapes[key])
         self.fingerprint = records_fingerprint(self.records, self.shuffle)
 
     def record_indices(self, step: int) -> range:
@@ -137,7 +142,8 @@ class DataPipeline:
     def to_global(self, local: dict[str, np.ndarray]) -> Batch:
         """Assemble the global jax arrays from every process's local rows."""
         return {
-            k: jax.make_array_from_process_local_data(self.sharding, v, self.global_shape)
+            k: jax.make_array_from_process_local_data(
+                self.shardings[k], v, self.global_shapes[k])
             for k, v in local.items()
         }
 

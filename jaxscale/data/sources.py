@@ -244,3 +244,34 @@ class SyntheticTokens:
             for i in indices
         ])
         return window_records(tokens, np.zeros(tokens.shape, np.int64))
+
+
+class SyntheticClasses:
+    """Labelled examples a fixed random linear teacher separates, a pure function of (seed,
+    split, index): a classification source that needs no download.
+
+    Every example is standard normal noise of `input_shape`; its label is the argmax of a
+    teacher's scores (the teacher is drawn from `seed`), so a model can learn it exactly.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, seed: int,
+                 split: int = 0, size: int = 4096):
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
+        self.seed, self.split, self._len = seed, split, size
+        teacher_rng = np.random.default_rng([seed, 7919])
+        self._teacher = teacher_rng.standard_normal((int(np.prod(input_shape)), num_classes))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> Record:
+        return _one(self.batch(np.array([index])))
+
+    def batch(self, indices: np.ndarray) -> Record:
+        inputs = np.stack([
+            np.random.default_rng([self.seed, self.split, int(i)]).standard_normal(
+                self.input_shape).astype(np.float32)
+            for i in indices
+        ])
+        labels = np.argmax(inputs.reshape(len(indices), -1) @ self._teacher, axis=-1)
+        return {"inputs": inputs, "labels": labels.astype(np.int32)}

@@ -1,47 +1,94 @@
-"""Models that follow the jaxscale model interface, and a registry to build them by name.
+"""Models, the adapters that let jaxscale train any Flax model, and a registry by name.
 
-The interface (any Flax linen module that meets it trains with jaxscale):
+Any Flax model trains with jaxscale through an adapter (`jaxscale.models.adapter`):
 
-    logits_BTV = model.apply(
-        {"params": params}, tokens_BT, positions_BT=None, segment_ids_BT=None,
-        deterministic=True, rngs={"dropout": key},
-    )
+* a Linen module (`LinenAdapter`): parameters named with `nn.with_logical_partitioning(init,
+  names)` (or `nn.with_partitioning` with mesh axis names), or unannotated and named by the
+  `sharding.param_rules` path patterns; other collections (batch statistics) are carried in the
+  train state;
+* an NNX module (`NnxAdapter`): logical names from the variables' sharding metadata
+  (`nnx.with_partitioning`), or path patterns; `nnx.BatchStat` and other non-parameter state
+  carried like Linen's collections.
 
-* parameters are created with `nn.with_logical_partitioning(init, names)`, one logical name (or
-  None) per dimension; with `nn.scan`, pass `metadata_params={nn.PARTITION_NAME: "layers"}`;
-* activations may be constrained with `jaxscale.core.sharding.constrain` (or Flax's
-  `nn.with_logical_constraint`) by logical names;
-* `positions_BT` restart at 0 at each packed document, and `segment_ids_BT` (when given) must keep
-  attention within a document; dropout draws from the "dropout" RNG stream.
+The model is called with the task's inputs by keyword: an argument named (after dropping a shape
+suffix such as ``_BT``) inputs / tokens / input_ids / images / x receives the inputs, positions /
+position_ids the positions, segment_ids the document ids, and deterministic / train / training the
+train switch (see `adapter.ROLE_NAMES`; `call_args=` overrides the matching). Activations may be
+constrained with `jaxscale.core.sharding.constrain` (or `nn.with_logical_constraint`) by logical
+names. With `nn.scan`, pass ``metadata_params={nn.PARTITION_NAME: "layers"}``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 
-from jaxscale.config import ConfigError, ModelConfig
+from jaxscale.config import ConfigError, ModelConfig, register_model_config
+from jaxscale.models.adapter import Applied, ModelAdapter, call_keywords
 from jaxscale.models.decoder import Decoder
+from jaxscale.models.linen import LinenAdapter
+from jaxscale.validation import did_you_mean
 
-MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+
+def _decoder_nnx(cfg: ModelConfig):
+    from jaxscale.models.decoder_nnx import DecoderNnx
+
+    return DecoderNnx.factory(cfg)
+
+
+# model.name -> factory(model config) -> a Linen module, an NNX module factory or an adapter
+MODELS: dict[str, Callable[[Any], Any]] = {
     "decoder": Decoder,
+    "decoder_nnx": _decoder_nnx,
 }
 
 
-def register(name: str, factory: Callable[[ModelConfig], nn.Module]) -> None:
-    """Make `model.name=<name>` build `factory(model_config)`."""
+def register(name: str, factory: Callable[[Any], Any], config_type: type = ModelConfig) -> None:
+    """Make `model.name=<name>` build `factory(model_config)`.
+
+    Args:
+      factory: model config -> a Linen module, an NNX module (or a function ``rngs -> module``,
+        see `NnxAdapter`), or a ModelAdapter.
+      config_type: the dataclass of the model's config section (needs a `name` field).
+    """
     MODELS[name] = factory
+    register_model_config(name, config_type)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The Flax module for `cfg.name`."""
+def build_model(cfg: Any) -> Any:
+    """The model `cfg.name` names, as its factory returns it (e.g. a Linen module)."""
     if cfg.name not in MODELS:
         raise ConfigError(
             f"model.name={cfg.name!r} is not a registered model; choose one of: "
             f"{', '.join(MODELS)} (or register one with jaxscale.models.register)"
+            + did_you_mean(cfg.name, list(MODELS))
         )
     return MODELS[cfg.name](cfg)
 
 
-__all__ = ["MODELS", "Decoder", "build_model", "register"]
+def adapt(model: Any, *, config: Any = None, **kwargs: Any) -> ModelAdapter:
+    """The adapter for `model`: a ModelAdapter as it is, a Linen module in a `LinenAdapter`, an
+    NNX module (or ``rngs -> module`` factory) in an `NnxAdapter`.
+
+    Args:
+      config: the model's config dataclass, if any (task FLOPs formulas read it).
+      kwargs: passed to the adapter (e.g. ``call_args={"inputs": "input_ids"}``).
+    """
+    if isinstance(model, nn.Module):
+        return LinenAdapter(model, config=config, **kwargs)
+    if isinstance(model, ModelAdapter):
+        return model
+    from jaxscale.models.nnx import NnxAdapter, is_nnx
+
+    if is_nnx(model):
+        return NnxAdapter(model, config=config, **kwargs)
+    raise TypeError(
+        f"{type(model).__name__} is neither a Flax Linen module, an NNX module (or a function "
+        "rngs -> NNX module) nor a jaxscale ModelAdapter"
+    )
+
+
+__all__ = ["MODELS", "Applied", "Decoder", "LinenAdapter", "ModelAdapter", "adapt",
+           "build_model", "call_keywords", "register"]

@@ -14,6 +14,7 @@ Shape legend for tensor names (``q_BTNH``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -22,9 +23,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.config import ModelConfig
 from jaxscale.core import remat
+from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def _init(std: float, axes: tuple[str | None, ...]):
@@ -37,8 +37,8 @@ def _dense(cfg: ModelConfig, features, axes, *, name, axis=-1, std=None):
         features=features,
         axis=axis,
         use_bias=cfg.use_bias,
-        dtype=DTYPES[cfg.dtype],
-        param_dtype=DTYPES[cfg.param_dtype],
+        dtype=dtype(cfg.dtype),
+        param_dtype=dtype(cfg.param_dtype),
         kernel_init=_init(cfg.init_std if std is None else std, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[num_in:]),
         name=name,
@@ -47,7 +47,7 @@ def _dense(cfg: ModelConfig, features, axes, *, name, axis=-1, std=None):
 
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
     common = dict(
-        epsilon=cfg.norm_eps, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+        epsilon=cfg.norm_eps, dtype=dtype(cfg.dtype), param_dtype=dtype(cfg.param_dtype),
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), name=name,
     )
     if cfg.norm == "rmsnorm":
@@ -127,13 +127,13 @@ def attention(
 class Attention(nn.Module):
     cfg: ModelConfig
     deterministic: bool
+    attention_fn: Callable | None = None  # replaces `attention` (e.g. a planning stand-in)
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         cfg = self.cfg
         N = cfg.num_heads
-        K = cfg.num_kv_heads or N
-        H = cfg.head_dim or cfg.d_model // N
+        K, H = cfg.kv_heads, cfg.head_size
         q_BTNH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), name="query")(x_BTD)
         k_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="key")(x_BTD)
         v_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="value")(x_BTD)
@@ -146,7 +146,8 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
             k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_theta)
-        out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg.attention)
+        out_BTNH = (self.attention_fn or attention)(
+            q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg.attention)
         out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
         out_BTNH = checkpoint_name(out_BTNH, remat.ATTN_OUT)
         out_BTD = _dense(
@@ -185,13 +186,14 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool
+    attention_fn: Callable | None = None
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         cfg = self.cfg
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
         h_BTD = _norm(cfg, "attn_norm")(x_BTD)
-        x_BTD = x_BTD + Attention(cfg, self.deterministic, name="attn")(
+        x_BTD = x_BTD + Attention(cfg, self.deterministic, self.attention_fn, name="attn")(
             h_BTD, positions_BT, segment_ids_BT
         )
         h_BTD = _norm(cfg, "mlp_norm")(x_BTD)
@@ -208,6 +210,8 @@ class Decoder(nn.Module):
     """
 
     cfg: ModelConfig
+    # replaces the attention function (same signature as `attention`); plan passes a stand-in
+    attention_fn: Callable | None = None
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, deterministic=True):
@@ -216,15 +220,15 @@ class Decoder(nn.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         embed = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype],
-            param_dtype=DTYPES[cfg.param_dtype],
+            cfg.vocab_size, cfg.d_model, dtype=dtype(cfg.dtype),
+            param_dtype=dtype(cfg.param_dtype),
             embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed",
         )
         x_BTD = embed(tokens_BT)
         if cfg.position == "learned":
             x_BTD = x_BTD + nn.Embed(
-                cfg.max_seq_len, cfg.d_model, dtype=DTYPES[cfg.dtype],
-                param_dtype=DTYPES[cfg.param_dtype],
+                cfg.max_seq_len, cfg.d_model, dtype=dtype(cfg.dtype),
+                param_dtype=dtype(cfg.param_dtype),
                 embedding_init=_init(cfg.init_std / 2, (None, "embed")), name="pos_embed",
             )(positions_BT)
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
@@ -243,10 +247,11 @@ class Decoder(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, _ = stack(cfg, deterministic, name="layers")(x_BTD, positions_BT, segment_ids_BT)
+            layers = stack(cfg, deterministic, self.attention_fn, name="layers")
+            x_BTD, _ = layers(x_BTD, positions_BT, segment_ids_BT)
         else:
             for i in range(cfg.num_layers):
-                x_BTD, _ = block(cfg, deterministic, name=f"layers_{i}")(
+                x_BTD, _ = block(cfg, deterministic, self.attention_fn, name=f"layers_{i}")(
                     x_BTD, positions_BT, segment_ids_BT
                 )
 

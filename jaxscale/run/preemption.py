@@ -41,8 +41,9 @@ def _client():
     return client
 
 
-class StopWatch:
-    """Turns stop signals into one agreed stop step.
+class StopSignal:
+    """Watches for a request to stop (SIGTERM, SIGINT or `request`) and turns it into one stop
+    step that every process agrees on (`should_stop`).
 
     Args:
       signals: the signals that request a stop.
