@@ -1,7 +1,8 @@
 """What a checkpoint save costs the training loop, async (orbax background writes) vs synchronous.
 
-The tiny preset's model, optimizer, mesh and rules (8 simulated CPU devices by default), trained
-on random tokens (the data pipeline is not what is measured). Segments of `--every` steps run in
+The tiny preset's run (`jaxscale.run.build`: its model, optimizer, mesh, rules and train step; 8
+simulated CPU devices by default), trained on random tokens (the data pipeline is not what is
+measured). Segments of `--every` steps run in
 three kinds, alternating (none, async, sync, none, async, sync, ...):
 
 * none:  `every` steps;
@@ -55,35 +56,20 @@ def main(argv: list[str] | None = None) -> float:
     set_cpu_devices(args.cpu_devices or None)
 
     import jax
-    import numpy as np
+    from common import random_batch
 
     from jaxscale import config as config_lib
     from jaxscale.checkpoint.manager import Checkpointer
-    from jaxscale.core import sharding as shd
-    from jaxscale.core.mesh import make_mesh
-    from jaxscale.core.optim import make_optimizer, make_schedule
-    from jaxscale.core.state import abstract_state, init_state
-    from jaxscale.core.step import jit_step, make_train_step
-    from jaxscale.models import build_model
+    from jaxscale.run.build import build
 
     root = args.dir or tempfile.mkdtemp(prefix="jaxscale-ckpt-bench-")
     cfg = config_lib.load(args.config, [*args.overrides, f"workdir={root}", "progress=false"])
-    mesh = make_mesh(cfg.mesh)
-    rules = shd.resolve_rules(cfg.sharding.rules)
-    model = build_model(cfg.model)
-    tx = make_optimizer(cfg.optim, cfg.steps)
-    state, shardings = init_state(model, tx, mesh, rules, seq_len=cfg.seq_len, seed=cfg.seed)
-    step_fn = jit_step(
-        make_train_step(model, tx, learning_rate_fn=make_schedule(cfg.optim, cfg.steps),
-                        mesh=mesh, rules=rules),
-        shardings, shd.batch_sharding(mesh, rules),
-    )
-    tokens = np.random.default_rng(0).integers(
-        0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
-    batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                           shd.batch_sharding(mesh, rules))
+    run = build(cfg)
+    mesh = run.mesh
+    state = run.init_state()
+    step_fn = run.train_step
+    batch = jax.device_put(random_batch(run), run.batch_shardings)
     rng = jax.random.key(cfg.seed)
-    abstract = abstract_state(model, tx, cfg.seq_len, cfg.seed)
 
     def checkpointer(kind: str) -> Checkpointer:
         c = config_lib.replace(cfg, **{
@@ -91,7 +77,7 @@ def main(argv: list[str] | None = None) -> float:
             "checkpoint.async_save": kind == "async", "checkpoint.keep": 2,
         })
         ckpt = Checkpointer(c, mesh, log=lambda message: None)
-        ckpt.restore_or_init(lambda: state, abstract, shardings, rng=rng)
+        ckpt.restore_or_init(lambda: state, run.abstract, run.shardings, rng=rng)
         return ckpt
 
     savers = {"async": checkpointer("async"), "sync": checkpointer("sync")}

@@ -1,5 +1,6 @@
-"""Shared pieces of the CPU benchmarks: simulated devices, building a jaxscale step from a config,
-and timing several programs round-robin.
+"""Shared pieces of the CPU benchmarks: simulated devices, a jaxscale step of a config (through
+the one run builder, `jaxscale.run.build`), random LM batches and timing several programs
+round-robin.
 
 On simulated CPU devices two programs with collectives must never be in flight at once (XLA's CPU
 collectives deadlock), so every timed call blocks on its outputs before the next one starts.
@@ -44,44 +45,44 @@ def table_model_overrides(quick: bool) -> list[str]:
             "model.max_seq_len=256", "optim.warmup_steps=0", *size]
 
 
-class Step:
-    """A jaxscale train step of one config, compiled ahead of time, with its state and a batch."""
+def random_batch(run, seed: int = 0) -> dict:
+    """A host batch of random tokens for `run`'s LM task, one document per row (positions
+    0..T-1, one segment id, every target counted), holding exactly the fields of the run's
+    batch spec; place it with ``jax.device_put(batch, run.batch_shardings)``."""
+    import numpy as np
 
-    def __init__(self, cfg, *, donate: bool = True):
+    from jaxscale.data.sources import window_records
+
+    cfg = run.cfg
+    tokens = np.random.default_rng(seed).integers(
+        0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+    fields = window_records(tokens, np.zeros_like(tokens))
+    return {k: fields[k] for k in run.batch_spec}
+
+
+class Step:
+    """A jaxscale train step of one config (`jaxscale.run.build`), compiled ahead of time, with
+    its state and a batch."""
+
+    def __init__(self, cfg):
         import jax
-        import numpy as np
 
         from jaxscale.analysis import hlo, metrics
         from jaxscale.core import sharding as shd
-        from jaxscale.core.mesh import make_mesh
-        from jaxscale.core.optim import make_optimizer
-        from jaxscale.core.state import init_state
-        from jaxscale.core.step import jit_step, make_train_step
-        from jaxscale.models import build_model
+        from jaxscale.run.build import build
 
         self.cfg = cfg
-        mesh = make_mesh(cfg.mesh)
-        rules = shd.resolve_rules(cfg.sharding.rules)
-        model = build_model(cfg.model)
-        tx = make_optimizer(cfg.optim, cfg.steps)
-        self.state, shardings = init_state(model, tx, mesh, rules, seq_len=cfg.seq_len)
-        batch_sharding = shd.batch_sharding(mesh, rules)
-        tokens = np.random.default_rng(0).integers(
-            0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
-        self.batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                                    batch_sharding)
+        self.run = run = build(cfg)
+        self.state = run.init_state()
+        self.batch = jax.device_put(random_batch(run), run.batch_shardings)
         self.rng = jax.random.key(0)
-        fn = jit_step(make_train_step(model, tx, mesh=mesh, rules=rules), shardings,
-                      batch_sharding, donate=donate)
         start = time.perf_counter()
-        self.compiled = fn.lower(self.state, self.batch, self.rng).compile()
+        self.compiled = run.lower(self.state, self.batch, self.rng).compile()
         self.compile_s = time.perf_counter() - start
         self.stats = metrics.compiled_stats(self.compiled)
-        self.rows = shd.sharding_report(
-            __import__("jaxscale.core.state", fromlist=["abstract_state"]).abstract_state(
-                model, tx, cfg.seq_len), mesh, rules)
+        self.rows = shd.sharding_report(run.abstract, run.mesh, run.rules)
         self.collectives = hlo.summarize(hlo.collectives(self.compiled.as_text(),
-                                                         mesh.devices.size))
+                                                         run.mesh.devices.size))
         self.flops = metrics.flops_per_token(cfg.model, cfg.seq_len)
 
     def __call__(self) -> float:

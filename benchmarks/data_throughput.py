@@ -55,18 +55,10 @@ def main() -> None:
 
     import jax
 
-    from jaxscale.core import sharding as shd
-    from jaxscale.core.mesh import make_mesh
-    from jaxscale.core.optim import make_optimizer, make_schedule
-    from jaxscale.core.state import init_state
-    from jaxscale.core.step import jit_step, make_train_step
-    from jaxscale.data import make_pipelines
     from jaxscale.data.prepare import prepare
-    from jaxscale.models import build_model
+    from jaxscale.run.build import build
 
-    mesh = make_mesh(base.mesh)
-    rules = shd.resolve_rules(base.sharding.rules)
-    batch_sharding = shd.batch_sharding(mesh, rules)
+    run = build(base)
     tmp = tempfile.TemporaryDirectory(prefix="jaxscale-bench-")
 
     def config_for(source: str):
@@ -83,17 +75,15 @@ def main() -> None:
     def timed(fn, repeats: int) -> float:
         return statistics.median(fn() for _ in range(repeats))
 
+    def pipeline_for(cfg):
+        """The run's training pipeline of `cfg`'s data settings (the task's own pipelines)."""
+        return run.task.pipelines(cfg, run.batch_shardings)[0]
+
     # The train step, on a fixed batch (no data in the timing).
-    model = build_model(base.model)
-    tx = make_optimizer(base.optim, base.steps)
-    state, state_shardings = init_state(model, tx, mesh, rules, seq_len=base.seq_len,
-                                        seed=base.seed)
-    step_fn = jit_step(make_train_step(model, tx, learning_rate_fn=make_schedule(
-        base.optim, base.steps), mesh=mesh, rules=rules), state_shardings, batch_sharding)
+    state = run.init_state()
     rng = jax.random.key(0)
-    synthetic = make_pipelines(config_for("synthetic"), batch_sharding)[0]
-    fixed = synthetic.batch(0)
-    compiled = step_fn.lower(state, fixed, rng).compile()
+    fixed = pipeline_for(config_for("synthetic")).batch(0)
+    compiled = run.lower(state, fixed, rng).compile()
     for _ in range(3):
         state, metrics = compiled(state, fixed, rng)
     jax.block_until_ready(metrics)
@@ -114,7 +104,7 @@ def main() -> None:
     for source in args.sources.split(","):
         cfg = config_for(source)
         start = time.perf_counter()
-        pipeline = make_pipelines(cfg, batch_sharding)[0]
+        pipeline = pipeline_for(cfg)
         setup_s = time.perf_counter() - start
         it = pipeline.iterator(0)
         for _ in range(5):

@@ -1,8 +1,9 @@
 """Single-device throughput and MFU of the jaxscale train step, swept over batch and remat.
 
-For each (model, seq, remat, batch) candidate: build the config from the preset, compile the step
-ahead of time, skip it if the compiled memory analysis says it does not fit the device, then time
-warm steps with async dispatch (block only at the end of each timed window) and report tokens/s,
+For each (model, seq, remat, batch) candidate: build the config from the preset and its run
+(`jaxscale.run.build`, on one device), compile the run's train step ahead of time, skip it if the
+compiled memory analysis says it does not fit the device, then time warm steps with async
+dispatch (block only at the end of each timed window) and report tokens/s,
 step time, MFU (causal count; the non-causal 6N+12LHQT figure too), MFU against the measured bf16
 matmul rate, peak memory and the attention kernel in the compiled HLO. Each candidate that beats
 the best MFU so far for its model is profiled (jax.profiler) and the trace summarised by kernel
@@ -134,62 +135,58 @@ def _device_memory_limit() -> int | None:
     return None if not stats else int(stats.get("bytes_limit", 0)) or None
 
 
-def build(cand: Candidate, tiny: bool):
-    """(cfg, compiled step, state, batch, rng, stats) for a candidate, compiled ahead of time."""
+def unpacked_lm(cfg):
+    """The LM task without segment ids: one causal sequence per row, no document mask (the
+    attention the GPU tables in benchmarks/RESULTS.md were measured with; --packed uses the
+    training batches' five fields instead)."""
+    from jaxscale.tasks.lm import LanguageModel
+
+    class UnpackedLM(LanguageModel):
+        def batch_spec(self, batch_size: int):
+            spec = super().batch_spec(batch_size)
+            del spec["segment_ids"]
+            return spec
+
+    return UnpackedLM(seq_len=cfg.seq_len, z_loss=cfg.z_loss)
+
+
+def build_candidate(cand: Candidate, tiny: bool, packed: bool = False):
+    """(run, compiled step, compile seconds, stats) of a candidate on one device, compiled ahead
+    of time from abstract shapes (nothing allocated yet)."""
     import jax
-    import numpy as np
 
     from jaxscale import config as config_lib
     from jaxscale.analysis import metrics
+    from jaxscale.analysis.inspection import compile_run
     from jaxscale.config import MeshConfig
-    from jaxscale.core import sharding
     from jaxscale.core.mesh import make_mesh
-    from jaxscale.core.optim import make_optimizer, make_schedule
-    from jaxscale.core.state import abstract_state
-    from jaxscale.core.step import jit_step, make_train_step
-    from jaxscale.models import build_model
+    from jaxscale.run.build import build
 
     overrides = [f"batch_size={cand.batch}", f"seq_len={cand.seq_len}",
                  f"model.remat={cand.remat}", "mesh.fsdp=1", *cand.overrides]
     cfg = config_lib.load(cand.preset, (TINY if tiny else []) + overrides)
     mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
-    rules = sharding.resolve_rules(cfg.sharding.rules)
-    model = build_model(cfg.model)
-    tx = make_optimizer(cfg.optim, cfg.steps)
-    abstract = abstract_state(model, tx, cfg.seq_len)
-    shardings = sharding.state_shardings(abstract, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    step = jit_step(make_train_step(model, tx, learning_rate_fn=make_schedule(cfg.optim, cfg.steps),
-                                    mesh=mesh, rules=rules), shardings, batch_sharding)
-    from jaxscale.core.state import unbox
-
-    abstract_unboxed = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unbox(abstract), shardings)
-    tok = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32, sharding=batch_sharding)
-    rng = jax.random.key(1)
-    start = time.perf_counter()
-    compiled = step.lower(abstract_unboxed, {"inputs": tok, "targets": tok}, rng).compile()
-    compile_s = time.perf_counter() - start
-    stats = metrics.compiled_stats(compiled)
-    return cfg, mesh, rules, model, tx, shardings, batch_sharding, compiled, compile_s, stats
+    run = build(cfg, task=None if packed else unpacked_lm(cfg), mesh=mesh)
+    c = compile_run(run)
+    return run, c.compiled, c.compile_s, metrics.compiled_stats(c.compiled)
 
 
 def run_candidate(cand: Candidate, args, peak: float, measured: float, out: pathlib.Path,
                   best_mfu: float) -> dict:
     """Compile, fit-check, time; profile too when this candidate beats `best_mfu`."""
     import jax
-    import numpy as np
+    from common import random_batch
 
     from jaxscale.analysis import metrics
-    from jaxscale.core.state import init_state
 
-    (cfg, mesh, rules, model, tx, shardings, batch_sharding, compiled, compile_s,
-     stats) = build(cand, args.tiny)
+    run, compiled, compile_s, stats = build_candidate(cand, args.tiny, args.packed)
+    cfg = run.cfg
     hlo = compiled.as_text()
     attention = "cudnn" if "__cudnn$fmha" in hlo else "xla"
     result = {
         "model": cand.preset, "seq_len": cand.seq_len, "batch": cand.batch, "remat": cand.remat,
-        "overrides": list(cand.overrides), "compile_s": round(compile_s, 2),
+        "overrides": list(cand.overrides), "packed": args.packed,
+        "compile_s": round(compile_s, 2),
         "peak_bytes": stats.peak_bytes, "temp_bytes": stats.temp_bytes, "attention": attention,
         "device": jax.devices()[0].device_kind, "flags": os.environ.get("XLA_FLAGS", ""),
     }
@@ -198,10 +195,8 @@ def run_candidate(cand: Candidate, args, peak: float, measured: float, out: path
         need, have = stats.peak_bytes / 2**30, limit / 2**30
         result["status"] = f"does not fit ({need:.1f} GiB > {have:.1f})"
         return result
-    state, _ = init_state(model, tx, mesh, rules, seq_len=cfg.seq_len, seed=0)
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size,
-                                               (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
-    batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, batch_sharding)
+    state = run.init_state()
+    batch = jax.device_put(random_batch(run), run.batch_shardings)
     rng = jax.random.key(1)
     for _ in range(args.warmup):
         state, m = compiled(state, batch, rng)
@@ -295,6 +290,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="*", type=int, default=None, help="override batches")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every candidate (e.g. model.scan_layers=false)")
+    parser.add_argument("--packed", action="store_true",
+                        help="train on the LM task's full batches (segment ids: attention with the "
+                             "document mask, as in training); default: causal only, no mask")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows (median taken)")

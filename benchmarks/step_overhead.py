@@ -1,11 +1,14 @@
 """What the jaxscale train step costs over a hand-written `jax.jit` step of the same model.
 
-Both sides train the same decoder from the same initial state on the same mesh, with the same
-optimizer (`optim.make_optimizer`), the same state and batch shardings and the state donated:
+Both sides train the same decoder from the same initial state and batch on the same mesh, with
+the same optimizer (the run's, from `optim.make_optimizer`), the same state and batch shardings
+and the state donated:
 
-* jaxscale: `init_state` -> `make_train_step` -> `jit_step` (gradient accumulation, masking,
-  z-loss, the non-finite guard and the metrics included, as in training);
-* hand-written: `model.apply` -> `optax.softmax_cross_entropy_with_integer_labels(...).mean()` ->
+* jaxscale: `jaxscale.run.build(cfg)` -> `run.init_state()` -> `run.train_step`, the step the
+  trainer runs (gradient accumulation, masking, z-loss, the schedule, the non-finite guard and the
+  metrics included, as in training);
+* hand-written: `model.apply` (on the same tokens, positions and segment ids) ->
+  `optax.softmax_cross_entropy_with_integer_labels(...).mean()` ->
   `jax.value_and_grad` -> `tx.update` -> `optax.apply_updates`. The model is traced inside
   `sharding.activation_sharding` as in jaxscale, so its own activation constraints apply on both
   sides (without them the model is a different, slower program; see BENCHMARKS.md).
@@ -70,48 +73,44 @@ def main(argv: list[str] | None = None) -> float:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
+    from common import random_batch
 
+    from jaxscale import config as config_lib
     from jaxscale.analysis import metrics
-    from jaxscale.config import MeshConfig, ModelConfig, OptimConfig
-    from jaxscale.core import optim
     from jaxscale.core import sharding as shd
-    from jaxscale.core.mesh import make_mesh
-    from jaxscale.core.state import init_state
-    from jaxscale.core.step import jit_step, make_train_step
     from jaxscale.models import build_model
+    from jaxscale.run.build import build
 
-    model_cfg = ModelConfig(
-        num_layers=args.layers, d_model=args.d_model, num_heads=args.heads, d_ff=args.d_ff,
-        vocab_size=args.vocab, max_seq_len=args.seq, dtype=args.dtype, remat=args.remat,
-    )
-    mesh = make_mesh(MeshConfig(data=args.mesh_data, fsdp=args.mesh_fsdp, tensor=args.mesh_tensor))
-    rules = shd.resolve_rules(args.rules)
-    model = build_model(model_cfg)
-    tx = optim.make_optimizer(
-        OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0), total_steps=1000
-    )
-    batch_sharding = shd.batch_sharding(mesh, rules)
-    tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1))
-    batch = jax.device_put(
-        {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)},
-        batch_sharding,
-    )
+    cfg = config_lib.from_dict({
+        "steps": 1000, "batch_size": args.batch, "seq_len": args.seq,
+        "model": {"num_layers": args.layers, "d_model": args.d_model, "num_heads": args.heads,
+                  "d_ff": args.d_ff, "vocab_size": args.vocab, "max_seq_len": args.seq,
+                  "dtype": args.dtype, "remat": args.remat},
+        "mesh": {"data": args.mesh_data, "fsdp": args.mesh_fsdp, "tensor": args.mesh_tensor},
+        "sharding": {"rules": args.rules},
+        "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0},
+    })
+    model_cfg = cfg.model
+    run = build(cfg)
+    mesh, rules, tx = run.mesh, run.rules, run.tx
+    batch = jax.device_put(random_batch(run), run.batch_shardings)  # one document per row
     rng = jax.random.key(0)
 
     # --- jaxscale ---------------------------------------------------------------------------
-    state, shardings = init_state(model, tx, mesh, rules, seq_len=args.seq)
+    state = run.init_state()
     initial = jax.device_get(state)  # the hand-written side starts from the same values
     start = time.perf_counter()
-    js_compiled = jit_step(
-        make_train_step(model, tx, mesh=mesh, rules=rules), shardings, batch_sharding
-    ).lower(state, batch, rng).compile()
+    js_compiled = run.lower(state, batch, rng).compile()
     js_compile_s = time.perf_counter() - start
 
     # --- hand-written -----------------------------------------------------------------------
+    model = build_model(model_cfg)
+
     def loss_fn(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"])
+        # The same model inputs as jaxscale's step: tokens, positions and segment ids.
+        logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                             batch["segment_ids"])
         return optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch["targets"]
         ).mean()
@@ -122,12 +121,13 @@ def main(argv: list[str] | None = None) -> float:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    shardings = run.shardings
     params = jax.device_put(initial.params, shardings.params)
     opt_state = jax.device_put(initial.opt_state, shardings.opt_state)
     start = time.perf_counter()
     hand_compiled = jax.jit(
         hand_step,
-        in_shardings=(shardings.params, shardings.opt_state, batch_sharding),
+        in_shardings=(shardings.params, shardings.opt_state, run.batch_shardings),
         out_shardings=(shardings.params, shardings.opt_state, None),
         donate_argnums=(0, 1),
     ).lower(params, opt_state, batch).compile()

@@ -23,13 +23,14 @@ from jaxscale.core.mesh import make_mesh
 from jaxscale.core.trees import path_str
 from jaxscale.errors import ConfigError, ShardingError
 from jaxscale.run.build import build
+from jaxscale.tasks import objective
 
 SEQ, BATCH, VOCAB = 16, 16, 64
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
          "model.d_ff=64", f"model.vocab_size={VOCAB}", "model.max_seq_len=32", f"seq_len={SEQ}",
          f"batch_size={BATCH}", "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9",
-         "optim.weight_decay=0", "optim.clip_norm=0", "optim.warmup_steps=0", "optim.schedule=constant",
-         "data.source=synthetic"]
+         "optim.weight_decay=0", "optim.clip_norm=0", "optim.warmup_steps=0",
+         "optim.schedule=constant", "data.source=synthetic"]
 MESHES = {
     "single": ["mesh.fsdp=1"],
     "data8": ["mesh.fsdp=1", "mesh.data=8"],
@@ -94,10 +95,6 @@ class NnxLM(nnx.Module):
             mean_BTD = jnp.cumsum(x_BTD, axis=1) / jnp.arange(1, x_BTD.shape[1] + 1)[:, None]
             x_BTD = block(x_BTD + mean_BTD)
         return self.head(x_BTD)
-
-
-def _decoder_nnx():
-    return None  # model.name=decoder_nnx: built from the config
 
 
 KINDS = {
@@ -267,3 +264,58 @@ def test_a_model_without_an_inputs_argument_is_named():
     assert str(info.value) == (
         "model Odd takes no argument for its inputs: its call signature is ('foo',); name the "
         "argument with call_args={'inputs': '<argument>'}")
+
+
+# --------------------------------------------------------------------------------------------
+# Auxiliary losses and metrics; FLOPs for any model.
+
+
+class SowingLM(nn.Module):
+    """PlainLM that sows an auxiliary loss (as a mixture-of-experts balance loss would) and a
+    metric."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        logits = PlainLM(name="lm")(tokens, position_ids=jnp.zeros_like(tokens))
+        self.sow("aux_loss", "balance", 0.25 * jnp.mean(jnp.square(logits)))
+        self.sow("metrics", "logit_mean", jnp.mean(logits))
+        return logits
+
+
+def test_auxiliary_losses_reach_the_objective_and_the_metrics():
+    rules = ["sharding.param_rules=" + repr([[r"lm/" + r[0], r[1]] for r in PLAIN_RULES])
+             .replace("'", '"')]
+    cfg = config_lib.load("tiny", [*SMALL, *MESHES["fsdp8"], *rules])
+    run = build(cfg, SowingLM(), mesh=_mesh(cfg, "fsdp8"))
+    state = run.init_state()
+    batch = jax.device_put(lm_batch(0), run.batch_shardings)
+    params = jax.device_get(state.params)
+    _, metrics = run.train_step(state, batch, jax.random.key(0))
+    logits = SowingLM().apply({"params": params}, lm_batch(0)["inputs"], mutable=["aux_loss",
+                                                                                  "metrics"])[0]
+    balance = 0.25 * float(jnp.mean(jnp.square(logits)))
+    np.testing.assert_allclose(float(metrics["balance"]), balance, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["logit_mean"]), float(jnp.mean(logits)), rtol=1e-4,
+                               atol=1e-7)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    targets = lm_batch(0)["targets"]
+    ce = float(jnp.mean(lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]))
+    np.testing.assert_allclose(float(metrics["loss"]), ce, rtol=1e-5)  # "loss" stays the CE
+    # What the step differentiates is the cross-entropy plus the auxiliary loss.
+    out, _ = objective(run.task, run.model)(params, {}, lm_batch(0), None, True)
+    np.testing.assert_allclose(float(out.objective / out.weight), ce + balance, rtol=1e-5)
+
+
+def test_flops_come_from_the_task_formula_or_from_xla():
+    from jaxscale.analysis.inspection import compile_run, inspect_compiled
+    from jaxscale.analysis.metrics import flops_per_token
+
+    _, _, decoder = three_steps("decoder", "fsdp8")
+    cfg = decoder.cfg
+    assert decoder.flops_per_example() == flops_per_token(cfg.model, SEQ).causal_per_token * SEQ
+    _, _, plain = three_steps("plain_linen", "fsdp8")
+    assert plain.flops_per_example() is None  # cfg.model (a decoder) does not describe PlainLM
+    report = inspect_compiled(compile_run(plain))
+    stats_flops = report.xla_flops_per_device
+    assert report.flops_source == "XLA" and stats_flops > 0
+    assert report.flops_per_step == stats_flops * 8

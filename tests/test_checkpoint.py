@@ -51,7 +51,7 @@ class Setup:
             model = build_model(cfg.model)
             tx = make_optimizer(cfg.optim, cfg.steps)
             mesh = make_mesh(cfg.mesh, devices)
-            rules = shd.resolve_rules(cfg.sharding.rules)
+            rules = shd.resolve_rules(cfg.sharding.rules, mesh)
             abstract = abstract_state(model, tx, cfg.seq_len, cfg.seed)
             self._shared[key] = dict(
                 model=model, tx=tx, mesh=mesh, rules=rules, abstract=abstract,
@@ -133,11 +133,12 @@ def test_interval_last_step_and_retention(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "6", "9"]
 
 
-@pytest.mark.parametrize("target", ["fsdp2_tensor2", "one_device"])
+@pytest.mark.parametrize("target", ["fsdp2_tensor2", "fsdp2_tensor2_auto", "one_device"])
 def test_restore_onto_another_mesh_has_target_shardings_and_equal_values(dp8, target):
     setup, state = dp8
     overrides, devices = {
         "fsdp2_tensor2": (["mesh.fsdp=2", "mesh.tensor=2", "sharding.rules=fsdp_tp"], 4),
+        "fsdp2_tensor2_auto": (["mesh.fsdp=2", "mesh.tensor=2"], 4),  # the mesh alone
         "one_device": (["mesh.fsdp=1"], 1),
     }[target]
     other = Setup(make_cfg(setup.cfg.workdir, *overrides), jax.devices()[:devices])
@@ -151,6 +152,8 @@ def test_restore_onto_another_mesh_has_target_shardings_and_equal_values(dp8, ta
         assert leaf.sharding == sharding
     if devices == 4:  # the saved leaves were all replicated; here parameters are split
         assert any(not s.is_fully_replicated for s in want)
+        assert any("tensor" in str(s.spec) for s in jax.tree_util.tree_leaves(
+            other.shardings.params))
     assert_bitwise(restored.replace(step=state.step), state)
 
 

@@ -78,8 +78,8 @@ def test_head_count_defaults():
                           "(did you mean 'full'?)"),
     (["optim.name=adamm"], "optim.name='adamm' is not valid; choose one of: adamw, lion, "
                            "adafactor, sgd (did you mean 'adamw'?)"),
-    (["sharding.rules=fsdpp"], "sharding.rules='fsdpp' is not valid; choose one of: dp, fsdp, "
-                               "tp, fsdp_tp, hsdp (did you mean 'fsdp'?)"),
+    (["sharding.rules=fsdpp"], "sharding.rules='fsdpp' is not valid; choose one of: auto, dp, "
+                               "fsdp, tp, fsdp_tp, hsdp (did you mean 'fsdp'?)"),
     (["seq_len=4096"], "seq_len=4096 is above model.max_seq_len=1024; lower seq_len or raise "
                        "model.max_seq_len"),
     (["mesh.data=-1"], "mesh axes mesh.data, mesh.fsdp are all -1; at most one axis may be -1"),

@@ -5,6 +5,7 @@ parameters (scanned and unrolled layers, grouped-query and multi-head attention)
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import flax.linen as nn
 import jax
@@ -173,12 +174,12 @@ def test_twin_logits_and_gradients_equal_the_linen_decoder(style, scan_layers):
     cfg = tiny_model_config(attention="xla", scan_layers=scan_layers, **STYLES[style])
     inputs = packed_inputs()
     linen = Decoder(cfg)
-    boxed = linen.init(jax.random.key(0), inputs["inputs"])["params"]
+    boxed = jax.jit(linen.init)(jax.random.key(0), inputs["inputs"])["params"]
     linen_params = nn.unbox(boxed)
     twin = NnxAdapter(DecoderNnx.factory(cfg))
     assert twin.config is cfg
 
-    twin_boxed, extra = twin.init(jax.random.key(0), {"inputs": inputs["inputs"]})
+    twin_boxed, extra = jax.eval_shape(twin.init, jax.random.key(0), {"inputs": inputs["inputs"]})
     assert extra == {}  # dropout's RNG state is not stored
     params = params_from_linen(linen_params, cfg)
     assert (jax.tree_util.tree_structure(params)
@@ -205,16 +206,24 @@ def test_twin_logits_and_gradients_equal_the_linen_decoder(style, scan_layers):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-8, err_msg=path_str(path))
 
 
-@pytest.mark.parametrize("linen_scan, twin_scan", [(True, False), (False, True)])
-def test_params_from_linen_converts_between_layer_layouts(linen_scan, twin_scan):
-    linen_cfg = tiny_model_config(attention="xla", scan_layers=linen_scan)
-    twin_cfg = tiny_model_config(attention="xla", scan_layers=twin_scan)
+@pytest.mark.parametrize("linen_scan, twin_scan, dtypes", [
+    (True, False, {}),
+    (False, True, {}),
+    (True, True, dict(dtype="bfloat16", param_dtype="bfloat16")),  # to bf16 precision
+])
+def test_params_from_linen_converts_between_layer_layouts(linen_scan, twin_scan, dtypes):
+    linen_cfg = tiny_model_config(attention="xla", scan_layers=linen_scan, **dtypes)
+    twin_cfg = tiny_model_config(attention="xla", scan_layers=twin_scan, **dtypes)
     tokens = tokens_BT()
-    linen_params = Decoder(linen_cfg).init(jax.random.key(0), tokens)["params"]
-    ref = Decoder(linen_cfg).apply({"params": linen_params}, tokens)
-    out = NnxAdapter(DecoderNnx.factory(twin_cfg)).apply(
-        params_from_linen(linen_params, twin_cfg), {}, {"inputs": tokens}, rng=None, train=False)
-    np.testing.assert_allclose(out.outputs, ref, rtol=1e-5, atol=1e-6)
+    linen_params = jax.jit(Decoder(linen_cfg).init)(jax.random.key(0), tokens)["params"]
+    ref = jax.jit(Decoder(linen_cfg).apply)({"params": linen_params}, tokens)
+    twin = NnxAdapter(DecoderNnx.factory(twin_cfg))
+    out = jax.jit(lambda p: twin.apply(p, {}, {"inputs": tokens}, rng=None, train=False))(
+        params_from_linen(linen_params, twin_cfg))
+    assert out.outputs.dtype == ref.dtype
+    tol = 1e-2 if dtypes else 1e-5
+    np.testing.assert_allclose(np.asarray(out.outputs, np.float32), np.asarray(ref, np.float32),
+                               rtol=tol, atol=tol / 10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,9 +286,21 @@ class DropoutNet(nnx.Module):
         return self.drop(self.lin(x))
 
 
-def test_dropout_draws_from_the_step_rng_in_training_and_is_off_in_eval():
+class CallRngsDropoutNet(DropoutNet):
+    """The same, its Dropout keyless: ``__call__`` takes the ``rngs`` the adapter passes."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(D, F, rngs=rngs)
+        self.drop = nnx.Dropout(0.5)
+
+    def __call__(self, x, rngs: nnx.Rngs):
+        return self.drop(self.lin(x), rngs=rngs)
+
+
+@pytest.mark.parametrize("model", [DropoutNet, CallRngsDropoutNet])
+def test_dropout_draws_from_the_step_rng_in_training_and_is_off_in_eval(model):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, D)), jnp.float32)
-    adapter = NnxAdapter(DropoutNet)
+    adapter = NnxAdapter(model)
     boxed, extra = adapter.init(jax.random.key(0), {"inputs": x})
     assert extra == {} and "drop" not in boxed  # no RNG state in the train state
     params = nn.unbox(boxed)
@@ -304,10 +325,11 @@ def test_twin_dropout_differs_by_rng_and_matches_no_dropout_in_eval():
     cfg = tiny_model_config(attention="xla", dropout=0.5)
     tokens = tokens_BT()
     adapter = NnxAdapter(DecoderNnx.factory(cfg))
-    boxed, extra = adapter.init(jax.random.key(0), {"inputs": tokens})
+    boxed, extra = jax.jit(adapter.init)(jax.random.key(0), {"inputs": tokens})
     params = nn.unbox(boxed)
     assert extra == {}
 
+    @functools.partial(jax.jit, static_argnums=(0, 2))
     def run(model, rng, train):
         return model.apply(params, {}, {"inputs": tokens}, rng=rng, train=train).outputs
 

@@ -131,6 +131,20 @@ def test_cli_losses_equal_across_meshes(tmp_path, corpus):
     assert a[-1] < a[0]
 
 
+def test_the_mesh_alone_picks_the_parallelism(tmp_path, corpus, capsys):
+    """No rules override: sharding.rules=auto makes mesh.fsdp=4 x mesh.tensor=2 tensor-parallel
+    FSDP, with the losses of plain data parallelism."""
+    a = _cli_losses(tmp_path, "auto_fsdp_tp", corpus, "mesh.fsdp=4", "mesh.tensor=2")
+    b = _cli_losses(tmp_path, "auto_dp", corpus, "mesh.fsdp=1", "mesh.data=8")
+    assert len(a) == len(b) == 5
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    capsys.readouterr()
+    assert cli.main(["inspect", "--config", "tiny", *SMALL, "mesh.fsdp=4", "mesh.tensor=2"]) == 0
+    out = capsys.readouterr().out
+    wi = next(line for line in out.splitlines() if "params/layers/mlp/wi_up/kernel" in line)
+    assert "(None, 'fsdp', 'tensor')" in wi and "embed->fsdp, mlp->tensor" in wi, wi
+
+
 @pytest.mark.parametrize("args, message", [
     (["stpes=5"], "unknown config key 'stpes' (did you mean 'steps'?)"),
     (["steps=abc"], "steps: Value 'abc' of type 'str' could not be converted to Integer"),
@@ -149,8 +163,9 @@ def test_cli_losses_equal_across_meshes(tmp_path, corpus):
     (["optim.name=adamm"], "optim.name='adamm' is not valid"),
     (["model.num_heads=5"], "model.d_model=128 is not divisible by model.num_heads=5"),
     (["data.path=/nonexistent/*.txt"], "data.path='/nonexistent/*.txt' matches no file"),
-    (["mesh.fsdp=4", "mesh.tensor=2"], "mesh axis 'tensor' has size 2 but neither the batch nor "
-                                       "any parameter is sharded over it"),
+    # (the fsdp preset: rules=auto would use the tensor axis)
+    (["mesh.fsdp=4", "mesh.tensor=2", "sharding.rules=fsdp"],
+     "mesh axis 'tensor' has size 2 but neither the batch nor any parameter is sharded over it"),
     (["sharding.rules=[[batch,[data,fdsp]]]"], "sharding rule 'batch' -> 'fdsp' names a mesh axis "
                                                "that does not exist"),
     (["model.vocab_size=100"], "model.vocab_size=100 is too small for data.tokenizer='byte'"),

@@ -262,20 +262,17 @@ def params_from_linen(linen_params: Mapping[str, Any], cfg: ModelConfig) -> dict
     ``cfg.scan_layers``, else ``layers/<i>``. Either Linen layout converts to either twin layout.
     Arrays are passed through (sliced or stacked where the layouts differ).
     """
-    params = jax.tree_util.tree_map(lambda x: x, nn.unbox(dict(linen_params)))
-    params = _plain(params)
+    params = _plain(nn.unbox(linen_params))
     L = cfg.num_layers
-    if "layers" in params:
-        stacked = params.pop("layers")
-        per_layer = [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(L)]
-    else:
-        per_layer = [params.pop(f"layers_{i}") for i in range(L)]
-        stacked = None
+    stacked = params.pop("layers", None)  # scanned Linen layers: one tree, a leading [L] axis
+    layers = None if stacked is not None else [params.pop(f"layers_{i}") for i in range(L)]
     if cfg.scan_layers:
-        params["layers"] = stacked if stacked is not None else jax.tree_util.tree_map(
-            lambda *xs: jnp.stack(xs), *per_layer)
+        params["layers"] = stacked if layers is None else jax.tree_util.tree_map(
+            lambda *xs: jnp.stack(xs), *layers)
     else:
-        params["layers"] = {str(i): layer for i, layer in enumerate(per_layer)}
+        if layers is None:
+            layers = [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(L)]
+        params["layers"] = {str(i): layer for i, layer in enumerate(layers)}
     return params
 
 

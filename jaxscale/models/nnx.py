@@ -8,18 +8,24 @@ What counts as an NNX model (`is_nnx`), most explicit first:
 * any other callable with a parameter named ``rngs`` (``lambda rngs: MyLM(cfg, rngs=rngs)``).
 
 A factory is called as ``factory(rngs=rngs)`` when it has a parameter named ``rngs``, else as
-``factory(rngs)``, with ``nnx.Rngs(params=key, dropout=..., default=...)`` drawn from the init key,
-so under `jax.jit` or `jax.eval_shape` the parameters are born from the traced key (and sharded).
+``factory(rngs)`` (``factory()`` if it takes none). Its ``nnx.Rngs`` has the streams "params" (the
+init key itself), "dropout" and "default" (keys folded from it), so under `jax.jit` or
+`jax.eval_shape` the parameters are born from the traced key, each with its sharding.
 
 The state is plain data. ``init`` returns the `nnx.Param` variables as a nested dict (string keys:
-module attribute names and list indices), each array boxed in `nn.Partitioned` with the names
-its sharding metadata gives (`nnx.with_partitioning(init, names)`), and every other variable but
-the RNG state (`nnx.BatchStat`, ...) as ``extra``, a nested dict of arrays. RNG state
-(`nnx.RngKey`, `nnx.RngCount`) is never stored: each call rebuilds it from the step's key, so
-dropout draws from that key in training; evaluation calls switch it off. A module reports values by
-sowing them: ``self.sow(AuxLoss, "name", x)`` adds ``x`` to the objective and
-``self.sow(Metric, "name", x)`` reports it; both are summed per 'module/name' (list indices
-dropped, like Linen's sown collections) and never enter ``extra``.
+attribute names and list indices), each array boxed in `nn.Partitioned` with the names its
+sharding metadata gives (`nnx.with_partitioning(init, names)`; unannotated arrays stay bare for
+the path rules), and every other variable but the RNG state (`nnx.BatchStat`, ...) as ``extra``,
+a nested dict of arrays that training calls update. RNG state (`nnx.RngKey`, `nnx.RngCount`) is
+never stored: each call rebuilds it from the step's key (a key per variable path), so dropout
+draws from that key in training. The train switch reaches the model by its ``__call__``
+arguments (`call_keywords`); a model without one has its modules' ``deterministic`` and
+``use_running_average`` attributes set instead (`nnx.Module.set_attributes`). A ``__call__``
+with an ``rngs`` parameter receives an ``nnx.Rngs`` of the step's key.
+
+A module reports values by sowing them: ``self.sow(AuxLoss, "name", x)`` adds ``x`` to the
+objective, ``self.sow(Metric, "name", x)`` reports it; each is summed per 'module/name' (list
+indices dropped, like Linen's sown collections) and never enters ``extra``.
 """
 
 from __future__ import annotations
@@ -95,9 +101,10 @@ def _no_eager_sharding():
 
 
 def _build(factory: Callable, rngs: nnx.Rngs) -> nnx.Module:
-    if "rngs" in _parameters(factory):
+    parameters = _parameters(factory)
+    if "rngs" in parameters:
         return factory(rngs=rngs)
-    return factory(rngs)
+    return factory(rngs) if parameters else factory()
 
 
 def _init_rngs(rng: jax.Array) -> nnx.Rngs:

@@ -196,7 +196,7 @@ class Checkpoint:
 
 
 class Summary:
-    """At the end: summary.json, the closing line and the loss plot (process 0)."""
+    """At the end: summary.json and the closing line (process 0)."""
 
     def __init__(self, run: Any, metrics: Metrics, stats: metrics_lib.CompiledStats,
                  compile_s: float, wall_start: float):
@@ -217,13 +217,29 @@ class Summary:
             workdir = pathlib.Path(cfg.workdir)
             write_atomic(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
             logger.log(format_summary(summary, self.run.task.unit))
-            from jaxscale.analysis.plot import plot_run
 
-            try:
-                logger.log(f"plot: {plot_run(workdir)}")
-            except ImportError:
-                logger.log("plot: skipped (pip install 'jaxscale[plot]' for matplotlib)")
-        logger.close()
+
+class Plot:
+    """At the end: metrics.jsonl -> loss.png (process 0; needs matplotlib)."""
+
+    def __init__(self, workdir: pathlib.Path, logger: metrics_lib.MetricsLogger):
+        self.workdir, self.logger = workdir, logger
+
+    def when(self, step: int) -> bool:
+        return False
+
+    def __call__(self, ctx: StepContext) -> None:
+        pass
+
+    def end(self, ctx: StepContext) -> None:
+        if jax.process_index() != 0:
+            return
+        from jaxscale.analysis.plot import plot_run
+
+        try:
+            self.logger.log(f"plot: {plot_run(self.workdir)}")
+        except ImportError:
+            self.logger.log("plot: skipped (pip install 'jaxscale[plot]' for matplotlib)")
 
 
 def summarize(steps: int, history: list[dict[str, Any]], unit: str, stats: Any,

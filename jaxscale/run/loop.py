@@ -80,6 +80,7 @@ def train(cfg: Config, *, model: Any = None, task: Any = None,
         stats = metrics_lib.compiled_stats(compiled)
         logger = metrics_lib.MetricsLogger(workdir, total_steps=cfg.steps, start_step=start,
                                            progress=cfg.progress, enabled=jax.process_index() == 0)
+        stack.callback(logger.close)
         logger.log(f"jaxscale: {num_params(state.params) / 1e6:.2f}M parameters on "
                    f"{jax.device_count()} devices, mesh {dict(run.mesh.shape)}; step compiled in "
                    f"{compile_s:.1f}s, {format_bytes(stats.peak_bytes)} per device")
@@ -94,7 +95,7 @@ def default_hooks(run: Run, stats: metrics_lib.CompiledStats, logger: Any, batch
                   eval_data: Any, ckpt: Checkpointer, watchdog: Any, *, compile_s: float,
                   wall_start: float) -> list[Any]:
     """The hooks `train` runs, in order: watchdog, metrics, evaluation, profile, checkpoint,
-    summary."""
+    summary, plot."""
     cfg = run.cfg
     throughput = hooks_lib.Throughput(
         unit=run.task.unit, units_per_step=cfg.batch_size * run.task.units_per_example(),
@@ -116,6 +117,7 @@ def default_hooks(run: Run, stats: metrics_lib.CompiledStats, logger: Any, batch
                                        pathlib.Path(cfg.workdir) / "profile"))
     hooks.append(hooks_lib.Checkpoint(ckpt, batches, metrics, throughput))
     hooks.append(hooks_lib.Summary(run, metrics, stats, compile_s, wall_start))
+    hooks.append(hooks_lib.Plot(pathlib.Path(cfg.workdir), logger))
     return hooks
 
 
