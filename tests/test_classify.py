@@ -61,8 +61,8 @@ def test_classify_loss_by_hand():
 
 def test_image_batch_spec_names_every_dimension():
     spec = Classify(input_shape=(8, 8, 1), num_classes=4).batch_spec(16)
-    assert spec["inputs"].shape == (16, 8, 8, 1)
-    assert spec["inputs"].logical == ("batch", "height", "width", "channels")
+    assert spec["images"].shape == (16, 8, 8, 1)
+    assert spec["images"].logical == ("batch", "height", "width", "channels")
     assert spec["labels"].shape == (16,) and spec["labels"].logical == ("batch",)
 
 

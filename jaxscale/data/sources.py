@@ -177,18 +177,24 @@ def _one(batch: Record) -> Record:
     return {k: v[0] for k, v in batch.items()}
 
 
-class PackedWindows:
-    """Windows of T+1 tokens cut from the stream every T tokens; documents packed together."""
+class _Batched:
+    """Random access to `_len` records that `batch(indices)` reads or computes together."""
 
-    def __init__(self, stream: TokenStream, seq_len: int):
-        self.stream, self.seq_len = stream, seq_len
-        self._len = max((stream.num_tokens - 1) // seq_len, 0)
+    _len: int
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, index: int) -> Record:
         return _one(self.batch(np.array([index])))
+
+
+class PackedWindows(_Batched):
+    """Windows of T+1 tokens cut from the stream every T tokens; documents packed together."""
+
+    def __init__(self, stream: TokenStream, seq_len: int):
+        self.stream, self.seq_len = stream, seq_len
+        self._len = max((stream.num_tokens - 1) // seq_len, 0)
 
     def batch(self, indices: np.ndarray) -> Record:
         """Windows `indices`, stacked: each field [len(indices), seq_len]."""
@@ -197,7 +203,7 @@ class PackedWindows:
         return window_records(*self.stream.gather(positions))
 
 
-class PaddedDocuments:
+class PaddedDocuments(_Batched):
     """Each document on its own: cut into windows of T+1 (every T tokens), the last one padded."""
 
     def __init__(self, stream: TokenStream, seq_len: int):
@@ -206,12 +212,7 @@ class PaddedDocuments:
         per_doc = np.maximum((lengths - 1 + seq_len - 1) // seq_len, 1)
         self._doc = np.repeat(np.arange(stream.num_docs), per_doc)
         self._chunk = np.concatenate([np.arange(n) for n in per_doc]) if len(per_doc) else per_doc
-
-    def __len__(self) -> int:
-        return len(self._doc)
-
-    def __getitem__(self, index: int) -> Record:
-        return _one(self.batch(np.array([index])))
+        self._len = len(self._doc)
 
     def batch(self, indices: np.ndarray) -> Record:
         """Windows `indices`, stacked: each field [len(indices), seq_len]."""
@@ -225,17 +226,11 @@ class PaddedDocuments:
         return window_records(tokens, np.where(valid, 0, -1))
 
 
-class SyntheticTokens:
+class SyntheticTokens(_Batched):
     """Uniformly random tokens, a pure function of (seed, index): for throughput benchmarks."""
 
     def __init__(self, seq_len: int, vocab_size: int, seed: int, size: int = 1 << 30):
         self.seq_len, self.vocab_size, self.seed, self._len = seq_len, vocab_size, seed, size
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> Record:
-        return _one(self.batch(np.array([index])))
 
     def batch(self, indices: np.ndarray) -> Record:
         tokens = np.stack([
@@ -246,7 +241,7 @@ class SyntheticTokens:
         return window_records(tokens, np.zeros(tokens.shape, np.int64))
 
 
-class SyntheticClasses:
+class SyntheticClasses(_Batched):
     """Labelled examples a fixed random linear teacher separates, a pure function of (seed,
     split, index): a classification source that needs no download.
 
@@ -261,17 +256,11 @@ class SyntheticClasses:
         teacher_rng = np.random.default_rng([seed, 7919])
         self._teacher = teacher_rng.standard_normal((int(np.prod(input_shape)), num_classes))
 
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> Record:
-        return _one(self.batch(np.array([index])))
-
     def batch(self, indices: np.ndarray) -> Record:
-        inputs = np.stack([
+        images = np.stack([
             np.random.default_rng([self.seed, self.split, int(i)]).standard_normal(
                 self.input_shape).astype(np.float32)
             for i in indices
         ])
-        labels = np.argmax(inputs.reshape(len(indices), -1) @ self._teacher, axis=-1)
-        return {"inputs": inputs, "labels": labels.astype(np.int32)}
+        labels = np.argmax(images.reshape(len(indices), -1) @ self._teacher, axis=-1)
+        return {"images": images, "labels": labels.astype(np.int32)}

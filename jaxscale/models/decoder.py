@@ -124,6 +124,24 @@ def attention(
         )
 
 
+def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT,
+           attention_fn: Callable | None = None) -> jax.Array:
+    """Projected queries, keys and values -> attention output: tagged for the remat policies,
+    constrained by logical names, rotated (rope) and attended. Shared by both decoders."""
+    q_BTNH = checkpoint_name(q_BTNH, remat.QUERY_PROJ)
+    k_BSKH = checkpoint_name(k_BSKH, remat.KEY_PROJ)
+    v_BSKH = checkpoint_name(v_BSKH, remat.VALUE_PROJ)
+    q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
+    k_BSKH = constrain(k_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
+    v_BSKH = constrain(v_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
+    if cfg.position == "rope":
+        q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
+        k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_theta)
+    out_BTNH = (attention_fn or attention)(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg.attention)
+    out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
+    return checkpoint_name(out_BTNH, remat.ATTN_OUT)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     deterministic: bool
@@ -137,19 +155,8 @@ class Attention(nn.Module):
         q_BTNH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), name="query")(x_BTD)
         k_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="key")(x_BTD)
         v_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="value")(x_BTD)
-        q_BTNH = checkpoint_name(q_BTNH, remat.QUERY_PROJ)
-        k_BSKH = checkpoint_name(k_BSKH, remat.KEY_PROJ)
-        v_BSKH = checkpoint_name(v_BSKH, remat.VALUE_PROJ)
-        q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
-        k_BSKH = constrain(k_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
-        v_BSKH = constrain(v_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
-        if cfg.position == "rope":
-            q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
-            k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_theta)
-        out_BTNH = (self.attention_fn or attention)(
-            q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg.attention)
-        out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
-        out_BTNH = checkpoint_name(out_BTNH, remat.ATTN_OUT)
+        out_BTNH = attend(cfg, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT,
+                          self.attention_fn)
         out_BTD = _dense(
             cfg, cfg.d_model, ("heads", "head_dim", "embed"), axis=(-2, -1), name="out",
             std=cfg.init_std / math.sqrt(2 * cfg.num_layers),

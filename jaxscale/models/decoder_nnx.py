@@ -2,8 +2,8 @@
 
 Same config (`jaxscale.config.ModelConfig`), same parameter tree and logical names as the Linen
 decoder ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"; a leading "layers"
-axis on stacked layers), same activation constraints, and the Linen module's `attention` and
-`apply_rope` functions, so from the same parameters (`params_from_linen`) both give the same
+axis on stacked layers), and the Linen module's `attend` (remat tags, activation constraints,
+rope and attention), so from the same parameters (`params_from_linen`) both give the same
 logits. No mesh axis names here: the sharding rules map the names.
 
 ``scan_layers=True`` stacks the layers' variables on a leading "layers" axis (built under
@@ -32,7 +32,7 @@ from jaxscale.config import ModelConfig
 from jaxscale.core import remat
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
-from jaxscale.models.decoder import apply_rope, attention
+from jaxscale.models.decoder import attend
 from jaxscale.models.nnx import nnx_factory
 
 Names = tuple[str | None, ...]
@@ -101,20 +101,8 @@ class Attention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, deterministic: bool):
-        cfg = self.cfg
-        q_BTNH = checkpoint_name(self.query(x_BTD), remat.QUERY_PROJ)
-        k_BSKH = checkpoint_name(self.key(x_BTD), remat.KEY_PROJ)
-        v_BSKH = checkpoint_name(self.value(x_BTD), remat.VALUE_PROJ)
-        q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
-        k_BSKH = constrain(k_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
-        v_BSKH = constrain(v_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
-        if cfg.position == "rope":
-            q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
-            k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_theta)
-        out_BTNH = (self.attention_fn or attention)(
-            q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg.attention)
-        out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
-        out_BTNH = checkpoint_name(out_BTNH, remat.ATTN_OUT)
+        out_BTNH = attend(self.cfg, self.query(x_BTD), self.key(x_BTD), self.value(x_BTD),
+                          positions_BT, segment_ids_BT, self.attention_fn)
         return self.dropout(self.out(out_BTNH), deterministic=deterministic)
 
 

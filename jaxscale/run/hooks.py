@@ -195,19 +195,23 @@ class Checkpoint:
             self.ckpt.save(ctx.step, ctx.state, self.batches.get_state())
 
 
-class Summary:
-    """At the end: summary.json and the closing line (process 0)."""
-
-    def __init__(self, run: Any, metrics: Metrics, stats: metrics_lib.CompiledStats,
-                 compile_s: float, wall_start: float):
-        self.run, self.metrics, self.stats = run, metrics, stats
-        self.compile_s, self.wall_start = compile_s, wall_start
+class AtEnd:
+    """A hook that only acts after the last step (`end`)."""
 
     def when(self, step: int) -> bool:
         return False
 
     def __call__(self, ctx: StepContext) -> None:
         pass
+
+
+class Summary(AtEnd):
+    """At the end: summary.json and the closing line (process 0)."""
+
+    def __init__(self, run: Any, metrics: Metrics, stats: metrics_lib.CompiledStats,
+                 compile_s: float, wall_start: float):
+        self.run, self.metrics, self.stats = run, metrics, stats
+        self.compile_s, self.wall_start = compile_s, wall_start
 
     def end(self, ctx: StepContext) -> None:
         cfg, logger = self.run.cfg, self.metrics.logger
@@ -219,17 +223,11 @@ class Summary:
             logger.log(format_summary(summary, self.run.task.unit))
 
 
-class Plot:
+class Plot(AtEnd):
     """At the end: metrics.jsonl -> loss.png (process 0; needs matplotlib)."""
 
     def __init__(self, workdir: pathlib.Path, logger: metrics_lib.MetricsLogger):
         self.workdir, self.logger = workdir, logger
-
-    def when(self, step: int) -> bool:
-        return False
-
-    def __call__(self, ctx: StepContext) -> None:
-        pass
 
     def end(self, ctx: StepContext) -> None:
         if jax.process_index() != 0:

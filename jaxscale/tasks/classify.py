@@ -1,9 +1,10 @@
 """The classification task: a label for each input, softmax cross-entropy and accuracy.
 
 A batch holds two fields:
-  inputs  [B, ...] float32 examples, e.g. images [B, H, W, C]
+  images  [B, ...] float32 examples: images [B, H, W, C], or feature vectors [B, F]
   labels  [B] int32 class ids; a negative label is ignored (padding rows)
-The model is called with the role inputs (and the train switch) and returns logits_BC.
+The model is called with the images as its inputs role (and the train switch) and returns
+logits_BC.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ class Classify:
         rank = len(self.input_shape)
         axes = INPUT_AXES.get(rank, (None,) * rank)
         return {
-            "inputs": Field((batch_size, *self.input_shape), np.float32, ("batch", *axes)),
+            "images": Field((batch_size, *self.input_shape), np.float32, ("batch", *axes)),
             "labels": Field((batch_size,), np.int32, ("batch",)),
         }
 
     def model_inputs(self, batch: Batch) -> dict[str, Any]:
-        return {"inputs": batch["inputs"]}
+        return {"inputs": batch["images"]}
 
     def loss(self, outputs: Any, batch: Batch) -> LossOutput:
         return classify_loss(outputs, batch["labels"])
