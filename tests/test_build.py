@@ -319,3 +319,12 @@ def test_flops_come_from_the_task_formula_or_from_xla():
     stats_flops = report.xla_flops_per_device
     assert report.flops_source == "XLA" and stats_flops > 0
     assert report.flops_per_step == stats_flops * 8
+
+
+def test_a_model_that_cannot_take_the_tasks_inputs_is_one_line():
+    cfg = _cfg("decoder", "single", "task.name=classify")
+    with pytest.raises(ConfigError) as info:
+        build(cfg, mesh=_mesh(cfg, "single"))
+    assert str(info.value) == (
+        "model 'decoder' cannot be initialised on the classify task's examples (images [8, 8, 1] "
+        "float32, labels [] int32): ValueError: too many values to unpack (expected 2)")

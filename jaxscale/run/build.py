@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -116,7 +117,7 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
         adapter, task.model_inputs(example_batch(task)),
         param_rules=cfg.sharding.param_rules, replicate_below=cfg.sharding.replicate_below,
     )
-    abstract = state_lib.abstract_state(variables_fn, tx, cfg.seed)
+    abstract = _abstract_state(variables_fn, tx, cfg.seed, adapter, task, spec)
     shardings = shd.state_shardings(abstract, mesh, rules, batch_names=_names(axes))
     loss = objective(task, adapter)
     train_step = step_lib.jit_step(
@@ -130,6 +131,22 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
     eval_step = step_lib.jit_eval_step(eval_fn, shardings, batch_shardings)
     return Run(cfg, mesh, rules, task, adapter, tx, schedule, variables_fn, abstract, shardings,
                spec, batch_shardings, train_step, eval_fn, eval_step)
+
+
+def _abstract_state(variables_fn, tx, seed, adapter, task, spec) -> TrainState:
+    """The abstract state; a model that cannot take the task's inputs is a one-line error."""
+    try:
+        return state_lib.abstract_state(variables_fn, tx, seed)
+    except (ValueError, TypeError) as e:
+        model = getattr(getattr(adapter, "config", None), "name", None) or type(
+            getattr(adapter, "module", getattr(adapter, "model", adapter))).__name__
+        fields = ", ".join(f"{k} {list(f.shape[1:])} {np.dtype(f.dtype).name}"
+                           for k, f in spec.items())
+        reason = " ".join(str(e).split())[:300]
+        raise ConfigError(
+            f"model {model!r} cannot be initialised on the {task.name} task's examples "
+            f"({fields}): {type(e).__name__}: {reason}"
+        ) from None
 
 
 def _names(axes: Mapping[str, tuple]) -> tuple[str, ...]:
