@@ -100,8 +100,6 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.num_heads
 
 
-DecoderConfig = ModelConfig
-
 # model.name -> the dataclass of its config section. `jaxscale.models.register` adds to it; a
 # model config needs a `name` field.
 MODEL_CONFIGS: dict[str, type] = {"decoder": ModelConfig, "decoder_nnx": ModelConfig}
