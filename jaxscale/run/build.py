@@ -30,6 +30,7 @@ from jaxscale.core import step as step_lib
 from jaxscale.core.mesh import make_mesh
 from jaxscale.core.optim import make_optimizer, make_schedule
 from jaxscale.core.state import TrainState
+from jaxscale.errors import ShardingError
 from jaxscale.models import ModelAdapter, adapt, build_model
 from jaxscale.tasks import Task, abstract_batch, batch_axes, example_batch, make_task, objective
 from jaxscale.tasks.lm import LanguageModel
@@ -137,9 +138,12 @@ def _abstract_state(variables_fn, tx, seed, adapter, task, spec) -> TrainState:
     """The abstract state; a model that cannot take the task's inputs is a one-line error."""
     try:
         return state_lib.abstract_state(variables_fn, tx, seed)
+    except (ConfigError, ShardingError):  # already one line about the model or its names
+        raise
     except (ValueError, TypeError) as e:
-        model = getattr(getattr(adapter, "config", None), "name", None) or type(
-            getattr(adapter, "module", getattr(adapter, "model", adapter))).__name__
+        obj = getattr(adapter, "module", getattr(adapter, "model", adapter))
+        model = getattr(getattr(adapter, "config", None), "name", None) or getattr(
+            obj, "__name__", type(obj).__name__)
         fields = ", ".join(f"{k} {list(f.shape[1:])} {np.dtype(f.dtype).name}"
                            for k, f in spec.items())
         reason = " ".join(str(e).split())[:300]
