@@ -212,7 +212,8 @@ def model_variables(model: Any, inputs: Mapping[str, Any], *, param_rules: Any =
 
 
 def _lm_inputs(seq_len: int) -> dict[str, Any]:
-    return LanguageModel(seq_len).model_inputs(example_batch(LanguageModel(seq_len)))
+    task = LanguageModel(seq_len)
+    return task.model_inputs(example_batch(task))
 
 
 def init_state(model: Any, tx: optax.GradientTransformation, mesh: Mesh,

@@ -124,11 +124,10 @@ def default_hooks(run: Run, stats: metrics_lib.CompiledStats, logger: Any, batch
 def flops_per_unit(run: Run, stats: metrics_lib.CompiledStats) -> float:
     """Training FLOPs per token (or example): the task's formula for a model it knows, else
     XLA's cost analysis of the compiled step (which counts a scanned loop's body once)."""
-    units = run.cfg.batch_size * run.task.units_per_example()
     per_example = run.flops_per_example()
-    if per_example is not None:
-        return per_example / run.task.units_per_example()
-    return (stats.flops or 0.0) * jax.device_count() / units
+    if per_example is None:  # XLA's count is per device and per step (batch_size examples)
+        per_example = (stats.flops or 0.0) * jax.device_count() / run.cfg.batch_size
+    return per_example / run.task.units_per_example()
 
 
 def loop(run: Run, step_fn: Any, state: TrainState, batch: Any, batches: Iterator[Any],
