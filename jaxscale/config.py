@@ -45,12 +45,41 @@ Norm = Literal["rmsnorm", "layernorm"]
 Mlp = Literal["swiglu", "gelu"]
 Position = Literal["rope", "learned"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+ContextParallel = Literal["off", "ring", "allgather"]
+MoeDispatch = Literal["dropless", "capacity"]
+RouterScore = Literal["softmax", "sigmoid"]
 REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
 DTYPES: tuple[str, ...] = get_args(DType)
 NORMS: tuple[str, ...] = get_args(Norm)
 MLPS: tuple[str, ...] = get_args(Mlp)
 POSITIONS: tuple[str, ...] = get_args(Position)
 ATTENTIONS: tuple[str, ...] = get_args(AttentionImpl)
+CONTEXT_PARALLEL: tuple[str, ...] = get_args(ContextParallel)
+MOE_DISPATCHES: tuple[str, ...] = get_args(MoeDispatch)
+ROUTER_SCORES: tuple[str, ...] = get_args(RouterScore)
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts MLPs of the decoder (`jaxscale.models.moe`); num_experts=0 is dense."""
+
+    num_experts: int = 0  # routed experts per MoE layer; 0 = every MLP is dense
+    top_k: int = 2  # experts each token is sent to
+    every_n_layers: int = 1  # layer i is a MoE layer when (i + 1) % every_n_layers == 0
+    d_ff: int = 0  # hidden width of one expert; 0 = model.d_ff
+    num_shared_experts: int = 0  # experts every token also passes through (dense, d_ff each)
+    router: RouterScore = "softmax"  # softmax | sigmoid scores of the router logits
+    renormalize: bool = True  # rescale the top-k scores of a token to sum to 1
+    # dropless: tokens sorted by expert, grouped matmuls, none dropped | capacity: einsum
+    # dispatch into fixed per-expert buffers; tokens past capacity skip the MLP (residual only)
+    dispatch: MoeDispatch = "dropless"
+    capacity_factor: float = 1.25  # capacity: buffer slots per expert = factor x k x tokens / E
+    aux_loss: float = 0.01  # weight of the load-balancing loss (Switch/GShard form)
+    z_loss: float = 0.001  # weight of the router z-loss, mean(logsumexp(router logits)^2)
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +117,13 @@ class ModelConfig:
     remat: RematPolicy = "none"  # rematerialization policy name (jaxscale.core.remat.POLICIES)
     attention: AttentionImpl = "auto"  # auto (cudnn on GPU when possible) | xla | cudnn | reference
     init_std: float = 0.02  # stddev of the normal initialiser of dense and embedding weights
+    # Attention over a sequence split by mesh.sequence: off (the partitioner decides) | ring
+    # (K/V blocks passed around the sequence axis, online softmax) | allgather (K/V gathered)
+    context_parallel: ContextParallel = "off"
+    # ring: each sequence shard holds two mirrored chunks so causal work is equal (the train
+    # step reorders the batch; seq_len must divide by 2 x mesh.sequence)
+    context_load_balance: bool = True
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
     @property
     def kv_heads(self) -> int:

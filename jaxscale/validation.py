@@ -106,6 +106,65 @@ def _validate_model(m: ModelConfig) -> None:
         )
     if m.position == "rope" and m.head_size % 2:
         raise ConfigError("model.position='rope' needs an even head dimension")
+    _validate_moe(m)
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    moe = m.moe
+    _non_negative("model.moe.num_experts", moe.num_experts)
+    if not moe.num_experts:
+        return
+    _positive("model.moe.top_k", moe.top_k)
+    if moe.top_k > moe.num_experts:
+        raise ConfigError(
+            f"model.moe.top_k={moe.top_k} is above model.moe.num_experts={moe.num_experts}; a "
+            "token cannot be sent to more experts than there are"
+        )
+    _positive("model.moe.every_n_layers", moe.every_n_layers)
+    if m.num_layers % moe.every_n_layers:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by model.moe.every_n_layers="
+            f"{moe.every_n_layers} (the layers repeat in groups ending with a MoE layer)"
+        )
+    _non_negative("model.moe.d_ff", moe.d_ff)
+    _non_negative("model.moe.num_shared_experts", moe.num_shared_experts)
+    _positive("model.moe.capacity_factor", moe.capacity_factor)
+    _non_negative("model.moe.aux_loss", moe.aux_loss)
+    _non_negative("model.moe.z_loss", moe.z_loss)
+
+
+def _validate_parallel_model(cfg: Config) -> None:
+    """The decoder's expert and context parallelism against the mesh (sizes known before the
+    devices are; an axis of -1 is checked when the mesh is built)."""
+    m, mesh = cfg.model, cfg.mesh
+    size = mesh.expert * mesh.dcn_expert
+    if m.moe.num_experts and mesh.expert > 0 and m.moe.num_experts % size:
+        raise ConfigError(
+            f"model.moe.num_experts={m.moe.num_experts} is not divisible by mesh.expert={size}; "
+            "each expert shard must hold the same number of experts"
+        )
+    if m.moe.num_experts and m.name != "decoder":
+        raise ConfigError(
+            f"model.moe.num_experts={m.moe.num_experts}: mixture-of-experts layers are built by "
+            f"model.name='decoder', not {m.name!r}"
+        )
+    sequence = mesh.sequence * mesh.dcn_sequence
+    if m.context_parallel == "off":
+        return
+    if sequence == 1:
+        raise ConfigError(
+            f"model.context_parallel={m.context_parallel!r} needs mesh.sequence > 1 (it splits "
+            "attention over the sequence axis); set mesh.sequence or model.context_parallel=off"
+        )
+    balanced = m.context_parallel == "ring" and m.context_load_balance
+    if sequence > 0:
+        parts = 2 * sequence if balanced else sequence
+        if cfg.seq_len % parts:
+            what = ("2 x mesh.sequence (the load-balanced ring holds two chunks per shard)"
+                    if balanced else "mesh.sequence")
+            raise ConfigError(
+                f"seq_len={cfg.seq_len} is not divisible by {what} = {parts}"
+            )
 
 
 def _validate_mesh(mesh: MeshConfig) -> None:
@@ -235,6 +294,7 @@ def validate(cfg: Config) -> None:
     decoder = getattr(cfg.model, "decoder_checks", False)
     if decoder:
         _validate_model(cfg.model)
+        _validate_parallel_model(cfg)
     _validate_mesh(cfg.mesh)
     _validate_rules(cfg.sharding.rules)
     _validate_param_rules(cfg.sharding.param_rules, cfg.sharding.replicate_below)

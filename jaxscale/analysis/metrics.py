@@ -13,6 +13,12 @@ where L layers, D d_model, N query heads, K kv heads, H head dim, F MLP width, n
 SwiGLU (2 otherwise), V vocab, T sequence length. MFU uses the causal count: the FLOPs a causal
 model needs, over the devices' peak. XLA computes the full T x T attention scores, so its own cost
 analysis is compared with the non-causal count.
+
+Mixture of experts: FLOPs count the *active* parameters only, the ones a token passes through.
+A MoE layer's MLP term is ``n_mlp * D * F_e * (k + shared) + D * E`` (k routed experts of width
+F_e, the shared experts, and the router) in place of ``n_mlp * D * F``; the E - k experts a token
+skips cost it nothing, so the MFU of a sparse model is comparable with a dense one's. Capacity
+padding and dropped tokens are not counted either way.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from jaxscale.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class Flops:
-    matmul_params: int  # N_mm: parameters that take part in matmuls
+    matmul_params: int  # N_mm: parameters that take part in a token's matmuls (active ones)
     causal_per_token: float  # training FLOPs per token, causal attention
     noncausal_per_token: float  # training FLOPs per token, full attention (6N + 12LHQT)
 
@@ -50,7 +56,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> Flops:
     N = cfg.num_heads
     K, H = cfg.kv_heads, cfg.head_size
     n_mlp = 3 if cfg.mlp == "swiglu" else 2
-    matmul = L * (D * N * H + 2 * D * K * H + N * H * D + n_mlp * D * F) + D * V
+    moe = cfg.moe
+    moe_layers = L // moe.every_n_layers if moe.num_experts else 0
+    dense_mlp = n_mlp * D * F
+    active_moe = (n_mlp * D * (moe.d_ff or F) * (moe.top_k + moe.num_shared_experts)
+                  + D * moe.num_experts)
+    mlp = (L - moe_layers) * dense_mlp + moe_layers * active_moe
+    matmul = L * (D * N * H + 2 * D * K * H + N * H * D) + mlp + D * V
     attention = 12 * L * seq_len * N * H
     return Flops(
         matmul_params=matmul,

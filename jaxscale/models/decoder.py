@@ -25,6 +25,8 @@ from jaxscale.config import ModelConfig
 from jaxscale.core import remat
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
+from jaxscale.models.moe import MoeMlp
+from jaxscale.models.moe import summarize as summarize_moe
 
 
 def _init(std: float, axes: tuple[str | None, ...]):
@@ -167,14 +169,16 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     cfg: ModelConfig
     deterministic: bool
+    d_ff: int = 0  # hidden width; 0 = cfg.d_ff
 
     @nn.compact
     def __call__(self, x_BTD):
         cfg = self.cfg
-        up_BTF = _dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_up")(x_BTD)
+        d_ff = self.d_ff or cfg.d_ff
+        up_BTF = _dense(cfg, d_ff, ("embed", "mlp"), name="wi_up")(x_BTD)
         up_BTF = checkpoint_name(up_BTF, remat.MLP_IN)
         if cfg.mlp == "swiglu":
-            gate_BTF = _dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_gate")(x_BTD)
+            gate_BTF = _dense(cfg, d_ff, ("embed", "mlp"), name="wi_gate")(x_BTD)
             gate_BTF = checkpoint_name(gate_BTF, remat.MLP_IN)
             h_BTF = nn.silu(gate_BTF) * up_BTF
         else:
@@ -189,11 +193,13 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. Returns (x, None) so that nn.scan can carry x."""
+    """Pre-norm transformer block. Returns (x, stats) so that nn.scan can carry x: stats are
+    the MoE layer's (`moe.MoeMlp`) when `moe`, else None."""
 
     cfg: ModelConfig
     deterministic: bool
     attention_fn: Callable | None = None
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -204,9 +210,32 @@ class Block(nn.Module):
             h_BTD, positions_BT, segment_ids_BT
         )
         h_BTD = _norm(cfg, "mlp_norm")(x_BTD)
-        x_BTD = x_BTD + Mlp(cfg, self.deterministic, name="mlp")(h_BTD)
-        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
-        return x_BTD, None
+        stats = None
+        if self.moe:
+            mlp_BTD, stats = MoeMlp(cfg, self.deterministic, name="moe")(h_BTD)
+        else:
+            mlp_BTD = Mlp(cfg, self.deterministic, name="mlp")(h_BTD)
+        x_BTD = constrain(x_BTD + mlp_BTD, ("batch", "length", "act_embed"))
+        return x_BTD, stats
+
+
+class BlockGroup(nn.Module):
+    """`model.moe.every_n_layers` blocks, the last a MoE block: the unit nn.scan repeats when
+    dense and MoE layers alternate. Returns (x, the MoE block's stats)."""
+
+    cfg: ModelConfig
+    deterministic: bool
+    attention_fn: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        n = self.cfg.moe.every_n_layers
+        stats = None
+        for i in range(n):
+            x_BTD, stats = Block(self.cfg, self.deterministic, self.attention_fn,
+                                 moe=i == n - 1, name=f"block_{i}")(
+                x_BTD, positions_BT, segment_ids_BT)
+        return x_BTD, stats
 
 
 class Decoder(nn.Module):
@@ -241,26 +270,43 @@ class Decoder(nn.Module):
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
         x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
 
-        block = Block
+        moe = cfg.moe.num_experts > 0
+        grouped = moe and cfg.moe.every_n_layers > 1
         policy = remat.get_policy(cfg.remat)
-        if policy is not None:
-            block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+        def rematted(cls):
+            if policy is None:
+                return cls
+            return nn.remat(cls, policy=policy, prevent_cse=not cfg.scan_layers)
+
         if cfg.scan_layers:
+            # Scanned layers repeat one unit: a block, or a group of dense blocks ending in MoE.
+            keywords = {} if grouped else {"moe": moe}
             stack = nn.scan(
-                block,
+                rematted(BlockGroup if grouped else Block),
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
+                length=cfg.num_layers // (cfg.moe.every_n_layers if grouped else 1),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            layers = stack(cfg, deterministic, self.attention_fn, name="layers")
-            x_BTD, _ = layers(x_BTD, positions_BT, segment_ids_BT)
+            layers = stack(cfg, deterministic, self.attention_fn, name="layers", **keywords)
+            x_BTD, stats = layers(x_BTD, positions_BT, segment_ids_BT)
         else:
+            per_layer = []
+            layer = rematted(Block)
             for i in range(cfg.num_layers):
-                x_BTD, _ = block(cfg, deterministic, self.attention_fn, name=f"layers_{i}")(
+                is_moe = moe and (i + 1) % cfg.moe.every_n_layers == 0
+                x_BTD, layer_stats = layer(cfg, deterministic, self.attention_fn, moe=is_moe,
+                                           name=f"layers_{i}")(
                     x_BTD, positions_BT, segment_ids_BT
                 )
+                if layer_stats is not None:
+                    per_layer.append(layer_stats)
+            stats = (jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer
+                     else None)
+        if stats is not None:
+            summarize_moe(self, cfg, stats)
 
         x_BTD = _norm(cfg, "final_norm")(x_BTD)
         if cfg.tie_embeddings:

@@ -20,12 +20,14 @@ Modules:
   paths.py   annotate_params: path-pattern names for unannotated parameters
   state.py   logical_axes_of, state_shardings and the mesh-used checks
   report.py  ReportRow, sharding_report, format_report
+  manual.py  shard_map under the rules: current_context, spec_axes (per-device code)
 
 Logical names used by jaxscale's models:
   parameters:  vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers, exp / expert,
                conv_in, conv_out
   activations: batch, length, act_embed, act_heads, act_kv_heads, act_head_dim, act_mlp,
-               act_vocab, act_exp / act_expert; images: height, width, channels
+               act_vocab, act_exp / act_expert, act_expert_batch (the batch dimension of
+               expert-major buffers); images: height, width, channels
 """
 
 from jaxscale.core.sharding.auto import AUTO_BATCH_AXES, AUTO_RULES, auto_rules

@@ -33,6 +33,8 @@ AUTO_RULES: LogicalRules = (
     ("act_vocab", "tensor"),
     ("act_exp", "expert"),
     ("act_expert", "expert"),
+    # the batch dimension of expert-major buffers [E, B, C, D]: the expert axis holds experts
+    ("act_expert_batch", ("data", "fsdp")),
     # images: spatial dimensions and (input) channels stay whole on every device
     ("height", None),
     ("width", None),

@@ -50,6 +50,8 @@ def _preset(param_axes: MeshAxes, tensor: MeshAxes) -> LogicalRules:
         ("act_head_dim", None),
         ("act_mlp", tensor),
         ("act_vocab", tensor),
+        ("act_expert", "expert"),
+        ("act_expert_batch", BATCH_AXES),
         # parameters
         ("layers", None),
         ("vocab", tensor),
@@ -59,6 +61,7 @@ def _preset(param_axes: MeshAxes, tensor: MeshAxes) -> LogicalRules:
         ("head_dim", None),
         ("mlp", tensor),
         ("norm", None),
+        ("expert", "expert"),
     )
 
 
