@@ -45,7 +45,7 @@ Norm = Literal["rmsnorm", "layernorm"]
 Mlp = Literal["swiglu", "gelu"]
 Position = Literal["rope", "learned"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
-ContextParallel = Literal["off", "ring", "allgather"]
+ContextParallel = Literal["none", "ring", "allgather"]
 MoeDispatch = Literal["dropless", "capacity"]
 RouterScore = Literal["softmax", "sigmoid"]
 REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
@@ -117,9 +117,9 @@ class ModelConfig:
     remat: RematPolicy = "none"  # rematerialization policy name (jaxscale.core.remat.POLICIES)
     attention: AttentionImpl = "auto"  # auto (cudnn on GPU when possible) | xla | cudnn | reference
     init_std: float = 0.02  # stddev of the normal initialiser of dense and embedding weights
-    # Attention over a sequence split by mesh.sequence: off (the partitioner decides) | ring
+    # Attention over a sequence split by mesh.sequence: none (the partitioner decides) | ring
     # (K/V blocks passed around the sequence axis, online softmax) | allgather (K/V gathered)
-    context_parallel: ContextParallel = "off"
+    context_parallel: ContextParallel = "none"
     # ring: each sequence shard holds two mirrored chunks so causal work is equal (the train
     # step reorders the batch; seq_len must divide by 2 x mesh.sequence)
     context_load_balance: bool = True

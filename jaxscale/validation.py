@@ -149,12 +149,12 @@ def _validate_parallel_model(cfg: Config) -> None:
             f"model.name='decoder', not {m.name!r}"
         )
     sequence = mesh.sequence * mesh.dcn_sequence
-    if m.context_parallel == "off":
+    if m.context_parallel == "none":
         return
     if sequence == 1:
         raise ConfigError(
             f"model.context_parallel={m.context_parallel!r} needs mesh.sequence > 1 (it splits "
-            "attention over the sequence axis); set mesh.sequence or model.context_parallel=off"
+            "attention over the sequence axis); set mesh.sequence or model.context_parallel=none"
         )
     balanced = m.context_parallel == "ring" and m.context_load_balance
     if sequence > 0:

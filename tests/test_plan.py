@@ -158,3 +158,34 @@ def test_llama_8b_on_64_h100s_plans_within_minutes():
     fsdp = next(line for line in lines if line.startswith("fsdp ") and " full " in line)
     assert " fits " in fsdp and "1.41 GiB" in fsdp  # 8.03B x 12 bytes / 64
     assert "recommendation:" in proc.stdout
+
+
+def test_sparse_and_long_models_get_expert_and_sequence_candidates():
+    h100 = plan_lib.TARGETS["h100"]
+    moe = _cfg("model.moe.num_experts=4", "model.moe.top_k=2")
+    got = {(c.strategy, c.label) for c in plan_lib.candidates(moe, 8, h100, ("full",))}
+    assert {("ep", "fsdp=4 x expert=2"), ("ep", "fsdp=2 x expert=4")} <= got
+    assert not any(s == "cp" for s, _ in got)
+    long = _cfg(f"seq_len={plan_lib.LONG_SEQUENCE}", f"model.max_seq_len={plan_lib.LONG_SEQUENCE}")
+    cands = plan_lib.candidates(long, 8, h100, ("full",))
+    cp = [c for c in cands if c.strategy == "cp"]
+    assert {c.label for c in cp} == {"fsdp=4 x sequence=2", "fsdp=2 x sequence=4", "sequence=8"}
+    assert cp[0].overrides == ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1", "mesh.sequence=2",
+                               "model.context_parallel=ring", "sharding.rules=auto",
+                               "model.remat=full"]
+    assert not any(c.strategy == "ep" for c in cands)
+
+
+def test_expert_and_ring_candidates_are_priced_by_their_exchanges():
+    """The ep candidate's step holds all-to-alls over the expert axis, the cp candidate's the
+    ring's collective-permutes; both are costed in the comm time."""
+    h100 = plan_lib.TARGETS["h100"]
+    moe = _cfg("model.moe.num_experts=4", "model.moe.top_k=2")
+    ep = next(c for c in plan_lib.candidates(moe, 8, h100, ("full",)) if c.strategy == "ep")
+    est = plan_lib.evaluate(moe, ep, 8, h100, 1e12)
+    assert est.fits and est.collective_bytes["all-to-all"] > 0 and est.comm_s > 0
+    long = _cfg("seq_len=64", "batch_size=2")
+    cp = plan_lib.Candidate("cp", (("fsdp", 2), ("sequence", 4)), "auto", "full",
+                            plan_lib.PLANNED_AXES + ("sequence",), "ring")
+    est = plan_lib.evaluate(long, cp, 8, h100, 1e12)
+    assert est.fits and est.collective_bytes["collective-permute"] > 0

@@ -95,18 +95,28 @@ RECOMPUTE: dict[str, tuple[str, ...]] = {
 }
 
 
+# Mesh axes every candidate sets; expert and sequence join them where candidates use them.
+PLANNED_AXES = ("data", "fsdp", "tensor")
+# From this many tokens per sequence on, candidates include context parallelism (ring).
+LONG_SEQUENCE = 16384
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    strategy: str  # dp | fsdp | hsdp | fsdp_tp
+    strategy: str  # dp | fsdp | hsdp | fsdp_tp | ep (expert x fsdp) | cp (sequence x fsdp)
     mesh: tuple[tuple[str, int], ...]  # mesh axis sizes that are not 1
     rules: str  # sharding rule preset
     remat: str  # remat policy
+    axes: tuple[str, ...] = PLANNED_AXES  # mesh axes the overrides set
+    context_parallel: str = "none"  # model.context_parallel
 
     @property
     def overrides(self) -> list[str]:
         sizes = dict(self.mesh)
-        return [f"mesh.{a}={sizes.get(a, 1)}" for a in ("data", "fsdp", "tensor")] + [
-            f"sharding.rules={self.rules}", f"model.remat={self.remat}"]
+        out = [f"mesh.{a}={sizes.get(a, 1)}" for a in self.axes]
+        if self.context_parallel != "none":
+            out.append(f"model.context_parallel={self.context_parallel}")
+        return out + [f"sharding.rules={self.rules}", f"model.remat={self.remat}"]
 
     @property
     def label(self) -> str:
@@ -184,10 +194,15 @@ def candidates(cfg: Config, num_devices: int, target: Target,
 
     dp (data=N); fsdp (fsdp=N); hsdp (fsdp over one or two nodes, data across them);
     fsdp_tp (tensor = 2, 4, 8 within a node when the heads, kv heads and MLP width divide, fsdp
-    the rest). Sequence parallelism is not proposed: the attention stand-in does not model its
-    communication.
+    the rest); for a mixture-of-experts model ep (expert = 2, 4, 8, ... dividing the experts, up
+    to a node, fsdp the rest); from `LONG_SEQUENCE` tokens on cp (sequence = 2, 4, 8 within a
+    node with the load-balanced ring, fsdp the rest).
     """
     m = cfg.model
+    moe = getattr(m, "moe", None)
+    experts = moe.num_experts if moe is not None else 0
+    long = cfg.seq_len >= LONG_SEQUENCE and hasattr(m, "context_parallel")
+    axes = PLANNED_AXES + (("expert",) if experts else ()) + (("sequence",) if long else ())
     meshes: list[tuple[str, tuple[tuple[str, int], ...], str]] = [
         ("dp", (("data", num_devices),), "dp"),
         ("fsdp", (("fsdp", num_devices),), "fsdp"),
@@ -201,25 +216,48 @@ def candidates(cfg: Config, num_devices: int, target: Target,
         if tensor <= node and num_devices % tensor == 0 and num_devices > tensor and divides:
             meshes.append(("fsdp_tp", (("fsdp", num_devices // tensor), ("tensor", tensor)),
                            "fsdp_tp"))
-    return [Candidate(s, mesh, rules, r) for s, mesh, rules in meshes for r in remats]
+    split = lambda n: (("fsdp", num_devices // n),) if num_devices > n else ()  # noqa: E731
+    expert = 2
+    while experts and expert <= min(experts, node) and num_devices % expert == 0:
+        if experts % expert == 0:
+            meshes.append(("ep", split(expert) + (("expert", expert),), "auto"))
+        expert *= 2
+    for sequence in (2, 4, 8) if long else ():
+        if sequence <= node and num_devices % sequence == 0 and cfg.seq_len % (2 * sequence) == 0:
+            meshes.append(("cp", split(sequence) + (("sequence", sequence),), "auto"))
+    return [Candidate(s, mesh, rules, r, axes, "ring" if s == "cp" else "none")
+            for s, mesh, rules in meshes for r in remats]
 
 
 def compute_seconds(cfg: Config, remat: str, num_devices: int, target: Target) -> tuple[float,
                                                                                           float]:
     """(seconds of compute per step at peak incl. recompute, seconds of the model FLOPs alone)."""
     m = cfg.model
-    L, D, F, T = m.num_layers, m.d_model, m.d_ff, cfg.seq_len
+    L, D, F, T = m.num_layers, m.d_model, _active_mlp_width(m), cfg.seq_len
     N = m.num_heads
     K, H = m.kv_heads, m.head_size
     flops = metrics.flops_per_token(m, T)
-    attn_fwd = 2 * T * N * H * (1 if target.fused_attention else 2)  # causal kernel vs full scores
-    per_token = flops.causal_per_token if target.fused_attention else flops.noncausal_per_token
+    # A fused kernel and the ring skip the masked half of the causal scores; XLA computes all.
+    causal = target.fused_attention or m.context_parallel == "ring"
+    attn_fwd = 2 * T * N * H * (1 if causal else 2)
+    per_token = flops.causal_per_token if causal else flops.noncausal_per_token
     pieces = {"qkv": 2 * D * (N + 2 * K) * H, "attn": attn_fwd, "out": 2 * N * H * D,
               "mlp_in": 2 * (2 if m.mlp == "swiglu" else 1) * D * F, "mlp_out": 2 * D * F}
     recompute = L * sum(pieces[p] for p in RECOMPUTE.get(remat, ()))
     tokens = cfg.batch_size * cfg.seq_len
     model_s = tokens * flops.causal_per_token / num_devices / target.peak_flops
     return tokens * (per_token + recompute) / num_devices / target.peak_flops, model_s
+
+
+def _active_mlp_width(m) -> float:
+    """The MLP width a token passes through, averaged over the layers (MoE: k routed + shared
+    experts in the MoE layers)."""
+    moe = m.moe
+    if not moe.num_experts:
+        return m.d_ff
+    moe_layers = m.num_layers // moe.every_n_layers
+    active = (moe.d_ff or m.d_ff) * (moe.top_k + moe.num_shared_experts)
+    return ((m.num_layers - moe_layers) * m.d_ff + moe_layers * active) / m.num_layers
 
 
 def comm_seconds(collectives: Sequence[hlo.Collective], target: Target) -> tuple[float, dict]:
@@ -276,15 +314,21 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
     from jaxscale.models.decoder import Decoder
     from jaxscale.run.build import build
 
+    # Axes and settings a candidate does not name are reset, not inherited from `cfg`.
+    unset = [f"mesh.{a}=1" for a in ("expert", "sequence") if a not in cand.axes]
+    if cand.context_parallel == "none" and hasattr(cfg.model, "context_parallel"):
+        unset.append("model.context_parallel=none")
     try:
-        c_cfg = config_lib.load_tree(config_lib.to_dict(cfg), cand.overrides)
+        c_cfg = config_lib.load_tree(config_lib.to_dict(cfg), unset + cand.overrides)
     except ConfigError as e:
         return Estimate(cand, f"invalid: {e}")
     mesh = make_mesh(c_cfg.mesh, devices=jax.devices()[:num_devices])
     # GPU targets run cuDNN's fused attention, which the CPU compiler lacks: compile a stand-in
-    # with its memory footprint (see the module docstring).
-    model = adapt(Decoder(c_cfg.model, attention_fn=_standin_attention if target.fused_attention
-                          else None), config=c_cfg.model)
+    # with its memory footprint (see the module docstring). The ring is compiled as it runs:
+    # its blockwise softmax keeps no [T, S] scores either.
+    standin = target.fused_attention and cand.context_parallel == "none"
+    model = adapt(Decoder(c_cfg.model, attention_fn=_standin_attention if standin else None),
+                  config=c_cfg.model)
     try:
         run = build(c_cfg, model, mesh=mesh)
     except (ConfigError, ShardingError) as e:

@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
-from jaxscale.core.sharding.manual import current_context, shard_map, spec_axes
+from jaxscale.core.sharding.manual import (
+    current_context,
+    partition_spec,
+    shard_map,
+    spec_axes,
+)
 from jaxscale.errors import ShardingError
 
 # Logical names of the tensors the dispatch takes.
@@ -183,17 +187,12 @@ def dropless(x_BTD, experts_BTK, weights_BTK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
             y = jax.lax.psum(y, mlp_axes)
         return y.astype(x.dtype).reshape(b, t, d)
 
-    x_spec = PartitionSpec(*(_entry(a) for a in tokens))
-    route_spec = PartitionSpec(_entry(tokens[0]), _entry(tokens[1]), None)
-    in_spec = PartitionSpec(*(_entry(a) for a in w_in))
-    out_spec = PartitionSpec(*(_entry(a) for a in w_out))
+    x_spec = partition_spec(tokens)
+    route_spec = partition_spec((*tokens[:2], ()))
+    in_spec = partition_spec(w_in)
+    out_spec = partition_spec(w_out)
     args = (x_BTD, experts_BTK, weights_BTK, wi_up_EDF, wo_EFD)
     specs = (x_spec, route_spec, route_spec, in_spec, out_spec)
     if wi_gate_EDF is not None:
         args, specs = args + (wi_gate_EDF,), specs + (in_spec,)
     return shard_map(local, mesh, in_specs=specs, out_specs=x_spec)(*args)
-
-
-def _entry(axes: tuple[str, ...]):
-    """A PartitionSpec entry for a dimension split over `axes`."""
-    return None if not axes else axes[0] if len(axes) == 1 else axes

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.config import ModelConfig
-from jaxscale.core import remat
+from jaxscale.core import context, remat
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
 from jaxscale.models.moe import MoeMlp
@@ -129,7 +129,11 @@ def attention(
 def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT,
            attention_fn: Callable | None = None) -> jax.Array:
     """Projected queries, keys and values -> attention output: tagged for the remat policies,
-    constrained by logical names, rotated (rope) and attended. Shared by both decoders."""
+    constrained by logical names, rotated (rope) and attended. Shared by both decoders.
+
+    With `model.context_parallel` set the attention runs over the length-sharded sequence
+    (`jaxscale.core.context`); for the load-balanced ring the batch arrives in
+    `context.balanced_order` (the train step reorders it) and positions stay global."""
     q_BTNH = checkpoint_name(q_BTNH, remat.QUERY_PROJ)
     k_BSKH = checkpoint_name(k_BSKH, remat.KEY_PROJ)
     v_BSKH = checkpoint_name(v_BSKH, remat.VALUE_PROJ)
@@ -139,6 +143,12 @@ def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_B
     if cfg.position == "rope":
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
         k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_theta)
+    if attention_fn is None and cfg.context_parallel != "none":
+        balanced = cfg.context_parallel == "ring" and cfg.context_load_balance
+
+        def attention_fn(q, k, v, segment_ids, implementation):
+            return context.context_attention(q, k, v, segment_ids, mode=cfg.context_parallel,
+                                             balanced=balanced, implementation=implementation)
     out_BTNH = (attention_fn or attention)(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg.attention)
     out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "act_head_dim"))
     return checkpoint_name(out_BTNH, remat.ATTN_OUT)

@@ -29,6 +29,7 @@ from jaxscale.core import state as state_lib
 from jaxscale.core import step as step_lib
 from jaxscale.core.mesh import make_mesh
 from jaxscale.core.optim import make_optimizer, make_schedule
+from jaxscale.core.sharding.manual import spec_axes
 from jaxscale.core.state import TrainState
 from jaxscale.errors import ShardingError
 from jaxscale.models import ModelAdapter, adapt, build_model
@@ -120,7 +121,7 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
     )
     abstract = _abstract_state(variables_fn, tx, cfg.seed, adapter, task, spec)
     shardings = shd.state_shardings(abstract, mesh, rules, batch_names=_names(axes))
-    loss = objective(task, adapter)
+    loss = _sequence_layout(objective(task, adapter), adapter.config, mesh, rules, spec)
     train_step = step_lib.jit_step(
         step_lib.make_train_step(
             loss, tx, grad_accum=cfg.optim.grad_accum, learning_rate_fn=schedule, mesh=mesh,
@@ -132,6 +133,43 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
     eval_step = step_lib.jit_eval_step(eval_fn, shardings, batch_shardings)
     return Run(cfg, mesh, rules, task, adapter, tx, schedule, variables_fn, abstract, shardings,
                spec, batch_shardings, train_step, eval_fn, eval_step)
+
+
+def _sequence_layout(loss: Callable, model_cfg: Any, mesh: Mesh, rules: shd.LogicalRules,
+                     spec: Mapping[str, Any]) -> Callable:
+    """`loss` on batches in the load-balanced ring layout when the decoder's config asks for it.
+
+    Every batch field whose second dimension is "length" is taken in `context.balanced_order`
+    for the sequence axis' size (and "positions", if the batch lacks them, filled with the global
+    ones first), so causal work is the same on every sequence shard. A per-token loss is a sum
+    over tokens: the order does not change it.
+    """
+    from jaxscale.config import ModelConfig
+    from jaxscale.core import context
+
+    if not (isinstance(model_cfg, ModelConfig) and model_cfg.context_parallel == "ring"
+            and model_cfg.context_load_balance):
+        return loss
+    length_axes = spec_axes(("batch", "length"), rules, mesh)[1]
+    shards = math.prod(mesh.shape[a] for a in length_axes)
+    fields = [k for k, f in spec.items() if f.logical[1:2] == ("length",)]
+    if shards == 1 or not fields:
+        return loss
+    seq_len = spec[fields[0]].shape[1]
+    order = context.balanced_order(seq_len, shards)
+
+    def reordered(params, extra, batch, rng, train):
+        batch = dict(batch)
+        if "positions" in spec and "positions" not in batch:
+            rows = batch[fields[0]].shape[0]
+            batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                                 (rows, seq_len))
+        for key in fields:
+            if key in batch:
+                batch[key] = batch[key][:, order]
+        return loss(params, extra, batch, rng, train)
+
+    return reordered
 
 
 def _abstract_state(variables_fn, tx, seed, adapter, task, spec) -> TrainState:

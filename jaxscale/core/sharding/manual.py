@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxscale.core.sharding.rules import (
     _ACTIVATION_CONTEXT,
@@ -42,6 +42,11 @@ def spec_axes(logical_axes: Sequence[LogicalName], rules: LogicalRules,
     spec = logical_to_spec(logical_axes, rules, what=f"array {tuple(logical_axes)}",
                            mesh_axis_names=mesh.axis_names)
     return tuple(tuple(a for a in axes_of(entry) if mesh.shape[a] > 1) for entry in spec)
+
+
+def partition_spec(axes: Sequence[tuple[str, ...]]) -> PartitionSpec:
+    """The PartitionSpec of dimensions split over these axes (as `spec_axes` returns them)."""
+    return PartitionSpec(*(None if not a else a[0] if len(a) == 1 else tuple(a) for a in axes))
 
 
 def shard_map(fn: Callable, mesh: Mesh, *, in_specs: Any, out_specs: Any,
