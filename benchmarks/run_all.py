@@ -45,6 +45,11 @@ BENCHMARKS = {
         "On the CPU the 8 devices share 2 cores and collectives are memory copies, so the time "
         "column ranks the layouts' compute + copy volume, not network behaviour; the bytes are "
         "exact."),
+    "sparse_and_long": (
+        "Expert and context parallelism vs FSDP: step time and bytes per device", [], ["--quick"],
+        "Same model per table, 8 simulated devices. The CPU has no grouped-matmul kernel: "
+        "ragged_dot runs as dense work there, so dropless rows are slow on the CPU; temps of the "
+        "dropless expert-parallel rows include the worst-case exchange buffers."),
     "scan_vs_unrolled": (
         "Scanned vs unrolled layers: compile time and step time", [], ["--quick"],
         "Compile time grows with the number of layers only when they are unrolled."),

@@ -73,7 +73,7 @@ def main(argv=None) -> str:
 
     from jaxscale import config as config_lib
 
-    steps = 5 if args.quick else args.steps
+    steps = min(args.steps, 5) if args.quick else args.steps
     small = (["model.num_layers=2", "model.d_model=64", "model.d_ff=192", "model.moe.d_ff=96"]
              if args.quick else [])
     moe_base = [*small, "batch_size=16", "seq_len=128", "data.source=synthetic"]

@@ -41,7 +41,8 @@ EXIT_CHECKPOINT = 6  # a checkpoint could not be saved or restored (the message 
 MAIN_KEYS = (
     "steps, batch_size, seq_len, seed, workdir, log_every, eval_every, on_nonfinite, "
     "model.{num_layers,d_model,num_heads,num_kv_heads,d_ff,vocab_size,dtype,param_dtype,"
-    "scan_layers,remat}, mesh.{data,fsdp,tensor,sequence,expert,stage}, sharding.rules, "
+    "scan_layers,remat,context_parallel}, model.moe.{num_experts,top_k,dispatch}, "
+    "mesh.{data,fsdp,tensor,sequence,expert,stage}, sharding.rules, "
     "optim.{name,lr,schedule,warmup_steps,weight_decay,clip_norm,grad_accum}, "
     "data.{source,path,tokenizer}, checkpoint.{dir,every,keep,restore_step,init_from}"
 )

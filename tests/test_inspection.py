@@ -108,3 +108,16 @@ def test_inspect_command_prints_every_section(capsys):
                    "activations/temps", "FLOPs per step", "all-gather", "reduce-scatter",
                    "collective-permute", "warnings: none"):
         assert needle in out, needle
+
+
+def test_expert_and_ring_exchanges_appear_in_the_collectives_table():
+    """inspect's table holds the experts' all-to-alls (expert=4) and the ring's permutes."""
+    def table(*overrides):
+        text = inspect_compiled(compile_step(_cfg(*overrides))).format()
+        return {line.split()[0]: line for line in text.splitlines()
+                if line.split()[:1] and line.split()[0] in hlo.KINDS}
+
+    moe = table("model.moe.num_experts=8", "model.moe.top_k=2", "mesh.fsdp=2", "mesh.expert=4")
+    ring = table("mesh.fsdp=2", "mesh.sequence=4", "model.context_parallel=ring")
+    assert int(moe["all-to-all"].split()[1]) > 0 and not moe["all-to-all"].endswith(" 0 B")
+    assert int(ring["collective-permute"].split()[1]) > 0

@@ -23,9 +23,12 @@ SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.n
          "optim.schedule=constant", "data.source=synthetic"]
 MESHES = {
     "single": ["mesh.fsdp=1"],
+    "single_unscanned": ["mesh.fsdp=1", "model.scan_layers=false"],
     "ring_seq4_fsdp2": ["mesh.fsdp=2", "mesh.sequence=4", "model.context_parallel=ring"],
     "ring_seq8_unbalanced": ["mesh.fsdp=1", "mesh.sequence=8", "model.context_parallel=ring",
                              "model.context_load_balance=false"],
+    "ring_seq4_remat_unscanned": ["mesh.fsdp=2", "mesh.sequence=4", "model.context_parallel=ring",
+                                  "model.remat=full", "model.scan_layers=false"],
     "allgather_seq2_fsdp2_tp2": ["mesh.fsdp=2", "mesh.sequence=2", "mesh.tensor=2",
                                  "model.context_parallel=allgather"],
 }
@@ -48,7 +51,7 @@ def packed_batch(step: int) -> dict[str, np.ndarray]:
 
 def _run(mesh_name: str, *extra: str):
     cfg = config_lib.load("tiny", [*SMALL, *MESHES[mesh_name], *extra])
-    devices = jax.devices()[:1] if mesh_name == "single" else None
+    devices = jax.devices()[:1] if mesh_name.startswith("single") else None
     return build(cfg, mesh=make_mesh(cfg.mesh, devices=devices))
 
 
@@ -64,9 +67,10 @@ def three_steps(mesh_name: str):
     return np.array(losses), jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("mesh_name", [m for m in MESHES if m != "single"])
+@pytest.mark.parametrize("mesh_name", [m for m in MESHES if not m.startswith("single")])
 def test_context_parallel_training_equals_one_device(mesh_name):
-    ref_losses, ref_params = three_steps("single")
+    scanned = "scan_layers=false" not in " ".join(MESHES[mesh_name])
+    ref_losses, ref_params = three_steps("single" if scanned else "single_unscanned")
     losses, params = three_steps(mesh_name)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     flat, tree = jax.tree_util.tree_flatten_with_path(params)

@@ -75,6 +75,15 @@ def test_expert_parallel_dropless_equals_one_device(mesh_name):
     _assert_params_close(params, ref_params)
 
 
+def test_shared_experts_on_an_expert_parallel_mesh_equal_one_device():
+    shared = ("model.moe.num_shared_experts=1",)
+    ref_losses, ref_params, _ = three_steps("single", *shared)
+    losses, params, _ = three_steps("expert2_fsdp2_tensor2", *shared)
+    assert "shared" in params["layers"]["moe"]
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    _assert_params_close(params, ref_params)
+
+
 def test_capacity_that_drops_nothing_equals_dropless():
     ref_losses, ref_params, _ = three_steps("single")
     losses, params, metrics = three_steps("single", *DROP_NOTHING)
