@@ -22,7 +22,9 @@ compute + comm, then less memory). docs/plan.md has the derivation and worked ex
 GPU targets run attention as cuDNN's fused kernel, which the CPU compiler does not have; `plan`
 compiles those with a stand-in of the same memory footprint (it keeps q, k, v, the output and the
 log-sum-exp for the backward pass, never the [T, S] scores). On TPUs jaxscale uses XLA's attention,
-so TPU targets are compiled with it, [T, S] scores included.
+so TPU targets are compiled with it, [T, S] scores included. Mixture-of-experts layers compile
+their grouped matmuls as dense matmuls of the same shapes (`core.experts.footprint_standin`):
+the CPU compiler would expand them over every expert, GPU and TPU kernels do not.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 from jaxscale import config as config_lib
 from jaxscale.analysis import hlo, metrics
 from jaxscale.config import Config, ConfigError
+from jaxscale.core import experts
 from jaxscale.core import sharding as shd
 from jaxscale.core.units import format_bytes
 from jaxscale.errors import ShardingError
@@ -342,7 +345,8 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
         est.status = (f"does not fit (state {format_bytes(state)} + gradients "
                       f"{format_bytes(grads)} per device)")
         return est
-    compiled = compile_run(run)
+    with experts.footprint_standin():  # the grouped-matmul kernels of GPUs and TPUs
+        compiled = compile_run(run)
     stats = metrics.compiled_stats(compiled.compiled)
     est.temp_bytes, est.peak_bytes, est.compile_s = stats.temp_bytes, stats.peak_bytes, \
         compiled.compile_s

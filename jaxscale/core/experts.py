@@ -23,6 +23,10 @@ No mesh axis is named here: the axes come from the sharding rules in effect.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 
@@ -42,6 +46,26 @@ EXPERT_OUT = ("expert", "mlp", "embed")  # wo [E, F, D]
 
 HAS_RAGGED_DOT = hasattr(jax.lax, "ragged_dot")
 
+# While set, grouped matmuls compile as one dense [M, D] x [D, F] matmul (`footprint_standin`).
+_STANDIN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "jaxscale_grouped_matmul_standin", default=False)
+
+
+@contextlib.contextmanager
+def footprint_standin() -> Iterator[None]:
+    """While tracing inside, every grouped matmul is one dense matmul of the same shapes.
+
+    The CPU compiler has no grouped-matmul kernel: it expands `ragged_dot` into dense work over
+    every expert (E copies of the rows). `jaxscale plan` compiles for GPUs and TPUs, whose
+    kernels read each row once, so it compiles this stand-in, with their FLOPs and buffers.
+    Its values are meaningless: only ever compiled, never run.
+    """
+    token = _STANDIN.set(True)
+    try:
+        yield
+    finally:
+        _STANDIN.reset(token)
+
 
 def grouped_matmul(x_MD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, *,
                    ragged: bool | None = None) -> jax.Array:
@@ -51,6 +75,8 @@ def grouped_matmul(x_MD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, 
       ragged: use `jax.lax.ragged_dot` (default: where jax has it); False is the fallback, a
         one-hot contraction that does E dense matmuls.
     """
+    if _STANDIN.get():
+        return x_MD @ w_EDF[0]
     if HAS_RAGGED_DOT if ragged is None else ragged:
         return jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E.astype(jnp.int32))
     ends_E = jnp.cumsum(group_sizes_E)
