@@ -74,7 +74,7 @@ def main(argv=None) -> str:
     from jaxscale import config as config_lib
 
     steps = min(args.steps, 5) if args.quick else args.steps
-    small = (["model.num_layers=2", "model.d_model=64", "model.d_ff=192", "model.moe.d_ff=96"]
+    small = (["model.num_layers=1", "model.d_model=32", "model.d_ff=64", "model.moe.d_ff=32"]
              if args.quick else [])
     moe_base = [*small, "batch_size=16", "seq_len=128", "data.source=synthetic"]
     dense_base = [o for o in moe_base if "moe" not in o]
@@ -89,7 +89,7 @@ def main(argv=None) -> str:
              *_table(runs, EXPERTS, steps, "fsdp")]
     del runs
 
-    seq = 512 if args.quick else 2048
+    seq = 256 if args.quick else 2048
     long_base = [*small[:3], "batch_size=8", f"seq_len={seq}", f"model.max_seq_len={seq}",
                  "data.source=synthetic", "model.attention=xla"]
     models = {name: ("tiny", extra) for name, extra in LONG.items()}
