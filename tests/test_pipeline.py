@@ -103,4 +103,3 @@ def test_1f1b_holds_at_most_half_the_activations_of_gpipe():
             _stage_fn, _loss_fn, *a, table, mesh=mesh, stage_axis="stage"))
         temp[schedule] = fn.lower(*problem).compile().memory_analysis().temp_size_in_bytes
     assert 2 * temp["1f1b"] <= temp["gpipe"], temp
-    print(temp)
