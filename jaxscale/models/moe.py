@@ -160,7 +160,7 @@ class MoeMlp(nn.Module):
         if moe.num_shared_experts:
             from jaxscale.models.decoder import Mlp
 
-            shared = Mlp(cfg, True, d_ff=F * moe.num_shared_experts, name="shared")
+            shared = Mlp(cfg, self.deterministic, d_ff=F * moe.num_shared_experts, name="shared")
             y_BTD = y_BTD + shared(x_BTD)
         y_BTD = checkpoint_name(y_BTD, remat.MLP_OUT)
         y_BTD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BTD)
