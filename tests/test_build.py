@@ -17,20 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from util import assert_trees_close, full_lm_batch, small_lm_overrides
 
 from jaxscale import config as config_lib
 from jaxscale.core.mesh import make_mesh
-from jaxscale.core.trees import path_str
 from jaxscale.errors import ConfigError, ShardingError
 from jaxscale.run.build import build
 from jaxscale.tasks import objective
 
 SEQ, BATCH, VOCAB = 16, 16, 64
-SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.d_ff=64", f"model.vocab_size={VOCAB}", "model.max_seq_len=32", f"seq_len={SEQ}",
-         f"batch_size={BATCH}", "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9",
-         "optim.weight_decay=0", "optim.clip_norm=0", "optim.warmup_steps=0",
-         "optim.schedule=constant", "data.source=synthetic"]
+SMALL = small_lm_overrides(seq_len=SEQ, batch_size=BATCH, vocab=VOCAB)
 MESHES = {
     "single": ["mesh.fsdp=1"],
     "data8": ["mesh.fsdp=1", "mesh.data=8"],
@@ -116,11 +112,7 @@ def _cfg(kind: str, mesh_name: str, *extra: str):
 
 
 def lm_batch(step: int) -> dict[str, np.ndarray]:
-    tokens = np.random.default_rng(step).integers(0, VOCAB, (BATCH, SEQ + 1))
-    ones = np.ones((BATCH, SEQ), np.int32)
-    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
-            "segment_ids": ones, "loss_mask": ones}
+    return full_lm_batch(step, BATCH, SEQ, VOCAB)
 
 
 def _mesh(cfg, mesh_name):
@@ -148,11 +140,7 @@ def test_every_model_kind_trains_the_same_on_every_mesh(kind, mesh_name):
     losses, params, run = three_steps(kind, mesh_name)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
-    ref_flat, ref_tree = jax.tree_util.tree_flatten_with_path(ref_params)
-    assert tree == ref_tree
-    for (path, a), (_, b) in zip(flat, ref_flat, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path_str(path))
+    assert_trees_close(params, ref_params)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -8,19 +8,15 @@ import functools
 import jax
 import numpy as np
 import pytest
+from util import assert_trees_close, small_lm_overrides
 
 from jaxscale import config as config_lib
 from jaxscale.core.mesh import make_mesh
-from jaxscale.core.trees import path_str
 from jaxscale.errors import ConfigError
 from jaxscale.run.build import build
 
 SEQ, BATCH, VOCAB = 32, 8, 64
-SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.d_ff=64", f"model.vocab_size={VOCAB}", "model.max_seq_len=64", f"seq_len={SEQ}",
-         f"batch_size={BATCH}", "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9",
-         "optim.weight_decay=0", "optim.clip_norm=0", "optim.warmup_steps=0",
-         "optim.schedule=constant", "data.source=synthetic"]
+SMALL = small_lm_overrides(seq_len=SEQ, batch_size=BATCH, vocab=VOCAB, max_seq_len=64)
 MESHES = {
     "single": ["mesh.fsdp=1"],
     "single_unscanned": ["mesh.fsdp=1", "model.scan_layers=false"],
@@ -73,11 +69,7 @@ def test_context_parallel_training_equals_one_device(mesh_name):
     ref_losses, ref_params = three_steps("single" if scanned else "single_unscanned")
     losses, params = three_steps(mesh_name)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
-    ref_flat, ref_tree = jax.tree_util.tree_flatten_with_path(ref_params)
-    assert tree == ref_tree
-    for (path, a), (_, b) in zip(flat, ref_flat, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path_str(path))
+    assert_trees_close(params, ref_params)
 
 
 @pytest.mark.parametrize("overrides, message", [

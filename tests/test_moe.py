@@ -8,22 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from util import assert_trees_close, full_lm_batch, small_lm_overrides
 
 from jaxscale import config as config_lib
 from jaxscale.core import experts
 from jaxscale.core.mesh import make_mesh
-from jaxscale.core.trees import path_str
 from jaxscale.errors import ConfigError
 from jaxscale.models import moe
 from jaxscale.run.build import build
 
 SEQ, BATCH, VOCAB = 16, 16, 64
-SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.d_ff=64", f"model.vocab_size={VOCAB}", "model.max_seq_len=32", f"seq_len={SEQ}",
-         f"batch_size={BATCH}", "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9",
-         "optim.weight_decay=0", "optim.clip_norm=0", "optim.warmup_steps=0",
-         "optim.schedule=constant", "data.source=synthetic", "model.moe.num_experts=8",
-         "model.moe.top_k=2", "model.moe.d_ff=32"]
+SMALL = [*small_lm_overrides(seq_len=SEQ, batch_size=BATCH, vocab=VOCAB),
+         "model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.d_ff=32"]
 MESHES = {
     "single": ["mesh.fsdp=1"],
     "expert4_fsdp2": ["mesh.fsdp=2", "mesh.expert=4"],
@@ -34,11 +30,7 @@ DROP_NOTHING = ["model.moe.dispatch=capacity", "model.moe.capacity_factor=4"]  #
 
 
 def lm_batch(step: int) -> dict[str, np.ndarray]:
-    tokens = np.random.default_rng(step).integers(0, VOCAB, (BATCH, SEQ + 1))
-    ones = np.ones((BATCH, SEQ), np.int32)
-    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
-            "segment_ids": ones, "loss_mask": ones}
+    return full_lm_batch(step, BATCH, SEQ, VOCAB)
 
 
 def _run(mesh_name: str, *extra: str):
@@ -59,20 +51,12 @@ def three_steps(mesh_name: str, *extra: str):
     return np.array(losses), jax.device_get(state.params), jax.device_get(metrics)
 
 
-def _assert_params_close(params, ref_params):
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
-    ref_flat, ref_tree = jax.tree_util.tree_flatten_with_path(ref_params)
-    assert tree == ref_tree
-    for (path, a), (_, b) in zip(flat, ref_flat, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path_str(path))
-
-
 @pytest.mark.parametrize("mesh_name", ["expert4_fsdp2", "expert2_fsdp2_tensor2"])
 def test_expert_parallel_dropless_equals_one_device(mesh_name):
     ref_losses, ref_params, _ = three_steps("single")
     losses, params, _ = three_steps(mesh_name)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    _assert_params_close(params, ref_params)
+    assert_trees_close(params, ref_params)
 
 
 def test_shared_experts_on_an_expert_parallel_mesh_equal_one_device():
@@ -81,7 +65,7 @@ def test_shared_experts_on_an_expert_parallel_mesh_equal_one_device():
     losses, params, _ = three_steps("expert2_fsdp2_tensor2", *shared)
     assert "shared" in params["layers"]["moe"]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    _assert_params_close(params, ref_params)
+    assert_trees_close(params, ref_params)
 
 
 def test_capacity_that_drops_nothing_equals_dropless():
@@ -89,14 +73,14 @@ def test_capacity_that_drops_nothing_equals_dropless():
     losses, params, metrics = three_steps("single", *DROP_NOTHING)
     assert float(metrics["moe_dropped"]) == 0.0
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    _assert_params_close(params, ref_params)
+    assert_trees_close(params, ref_params)
 
 
 def test_capacity_on_expert_parallel_mesh_equals_one_device():
     ref_losses, ref_params, _ = three_steps("single", *DROP_NOTHING)
     losses, params, _ = three_steps("expert4_fsdp2", *DROP_NOTHING)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    _assert_params_close(params, ref_params)
+    assert_trees_close(params, ref_params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ from jaxscale.core.sharding.rules import constrain, named_sharding
 from jaxscale.errors import ShardingError
 
 __all__ = [
-    "MODES", "balanced_order", "context_attention", "current_context", "inverse_order",
-    "ring_attention_local", "unmasked_blocks",
+    "MODES", "balanced_order", "context_attention", "inverse_order", "ring_attention_local",
+    "unmasked_blocks",
 ]
 
 MODES = ("ring", "allgather")

@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from jaxscale.config import Config, ConfigError
+from jaxscale.config import Config, ConfigError, ModelConfig
+from jaxscale.core import context
 from jaxscale.core import sharding as shd
 from jaxscale.core import state as state_lib
 from jaxscale.core import step as step_lib
@@ -144,9 +145,6 @@ def _sequence_layout(loss: Callable, model_cfg: Any, mesh: Mesh, rules: shd.Logi
     ones first), so causal work is the same on every sequence shard. A per-token loss is a sum
     over tokens: the order does not change it.
     """
-    from jaxscale.config import ModelConfig
-    from jaxscale.core import context
-
     if not (isinstance(model_cfg, ModelConfig) and model_cfg.context_parallel == "ring"
             and model_cfg.context_load_balance):
         return loss

@@ -15,12 +15,13 @@ parameter no path rule matches, or a mesh axis larger than 1 that does no work e
 ShardingError that names the array or the axis.
 
 Modules:
-  rules.py   presets, resolve_rules, logical_to_spec, named_sharding, constrain, batch shardings
+  rules.py   presets, resolve_rules, logical_to_spec, named_sharding, constrain, current_context,
+             batch shardings
   auto.py    the auto rule set
   paths.py   annotate_params: path-pattern names for unannotated parameters
   state.py   logical_axes_of, state_shardings and the mesh-used checks
   report.py  ReportRow, sharding_report, format_report
-  manual.py  shard_map under the rules: current_context, spec_axes (per-device code)
+  manual.py  shard_map under the rules: spec_axes, partition_spec (per-device code)
 
 Logical names used by jaxscale's models:
   parameters:  vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers, exp / expert,
@@ -60,6 +61,7 @@ from jaxscale.core.sharding.rules import (
     batch_shardings,
     check_rules,
     constrain,
+    current_context,
     is_activation_name,
     logical_to_spec,
     named_sharding,
@@ -81,6 +83,7 @@ __all__ = [
     "LogicalRules", "MeshAxes", "ParamRules", "ReplicatedSmall", "ReportRow", "ResolvedLeaf",
     "ShardingError", "activation_sharding", "annotate_params", "auto_rules", "axes_of",
     "batch_sharding", "batch_shardings", "bytes_per_device", "check_rules", "constrain",
+    "current_context",
     "format_report", "is_activation_name", "is_box", "logical_axes_of", "logical_to_spec",
     "named_sharding", "pad_names", "replicated_small", "resolve_rules", "resolve_state",
     "rule_text", "sharding_report", "state_shardings",

@@ -16,11 +16,11 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxscale.core.sharding.rules import (
-    _ACTIVATION_CONTEXT,
+from jaxscale.core.sharding.rules import (  # noqa: F401 (current_context is re-exported)
     LogicalName,
     LogicalRules,
     axes_of,
+    current_context,
     logical_to_spec,
 )
 
@@ -29,11 +29,6 @@ if _SHARD_MAP is None:  # older jax: the experimental module
     from jax.experimental.shard_map import shard_map as _SHARD_MAP
 _CHECK_KEYWORD = ("check_vma" if "check_vma" in inspect.signature(_SHARD_MAP).parameters
                   else "check_rep")
-
-
-def current_context() -> tuple[Mesh, LogicalRules] | None:
-    """The (mesh, rules) of the enclosing `activation_sharding`, or None outside one."""
-    return _ACTIVATION_CONTEXT.get()
 
 
 def spec_axes(logical_axes: Sequence[LogicalName], rules: LogicalRules,

@@ -265,12 +265,17 @@ def activation_sharding(mesh: Mesh | None, rules: LogicalRules) -> Iterator[None
         _ACTIVATION_CONTEXT.reset(token)
 
 
+def current_context() -> tuple[Mesh, LogicalRules] | None:
+    """The (mesh, rules) of the enclosing `activation_sharding`, or None outside one."""
+    return _ACTIVATION_CONTEXT.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[LogicalName]) -> jax.Array:
     """Constrain an activation's sharding by logical names; a no-op outside `activation_sharding`.
 
     Example: ``x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))``.
     """
-    context = _ACTIVATION_CONTEXT.get()
+    context = current_context()
     if context is None:
         return x
     mesh, rules = context
