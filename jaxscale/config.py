@@ -57,6 +57,8 @@ ATTENTIONS: tuple[str, ...] = get_args(AttentionImpl)
 CONTEXT_PARALLEL: tuple[str, ...] = get_args(ContextParallel)
 MOE_DISPATCHES: tuple[str, ...] = get_args(MoeDispatch)
 ROUTER_SCORES: tuple[str, ...] = get_args(RouterScore)
+PipelineSchedule = Literal["gpipe", "circular", "1f1b"]
+PIPELINE_SCHEDULES: tuple[str, ...] = get_args(PipelineSchedule)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ class MeshConfig:
     """
 
     data: int = 1  # pure data parallelism (parameters replicated)
-    stage: int = 1  # pipeline stages (no built-in model uses it yet; must stay 1 for them)
+    stage: int = 1  # pipeline stages: the decoder's layer stack is split over them
     fsdp: int = 1  # data parallelism with parameters and optimizer state sharded (ZeRO-3)
     expert: int = 1  # expert parallelism (for mixture-of-experts models)
     sequence: int = 1  # sequence (context) parallelism over the length axis
@@ -234,6 +236,17 @@ class OptimConfig:
     # Storage dtype of the first moment / momentum (second moments stay float32 for stability).
     moment_dtype: DType = "float32"
     grad_accum: int = 1  # microbatches per step (lax.scan, fp32 accumulation)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How a step runs its microbatches through the stages (with mesh.stage > 1; ignored at 1)."""
+
+    microbatches: int = 1  # M: microbatches per step; the bubble is (S-1)/(V*M+S-1)
+    # gpipe (all forwards, then all backwards by autodiff) | circular (virtual stages
+    # interleaved, by autodiff) | 1f1b (a hand-scheduled loop: at most S microbatches in flight)
+    schedule: PipelineSchedule = "1f1b"
+    virtual_stages: int = 1  # V: chunks of the layer stack per stage (circular)
 
 
 # data.source choices, keyed like jaxscale.data.SOURCES.
@@ -311,6 +324,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)

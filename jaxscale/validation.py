@@ -167,6 +167,70 @@ def _validate_parallel_model(cfg: Config) -> None:
             )
 
 
+def check_schedule(schedule: str, stages: int, microbatches: int, virtual_stages: int = 1) -> None:
+    """The schedule's demands on the microbatches and virtual stages, as one-line errors.
+
+    Raises:
+      ConfigError: fewer microbatches than stages for 1f1b; virtual stages
+        with a schedule other than circular; microbatches not a multiple of the stages for
+        circular.
+    """
+    if schedule == "1f1b" and microbatches < stages:
+        raise ConfigError(
+            f"pipeline.microbatches={microbatches} is below mesh.stage={stages}; 1f1b needs at "
+            "least one microbatch per stage"
+        )
+    if virtual_stages > 1 and schedule != "circular":
+        raise ConfigError(
+            f"pipeline.virtual_stages={virtual_stages} needs pipeline.schedule='circular' (not "
+            f"{schedule!r}); set pipeline.virtual_stages=1"
+        )
+    if schedule == "circular" and microbatches % stages:
+        raise ConfigError(
+            f"pipeline.microbatches={microbatches} is not a multiple of mesh.stage={stages}; the "
+            "circular schedule sends microbatches round the stages in groups of mesh.stage"
+        )
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    """The pipeline's settings against the mesh, the batch and (for the decoder) the layers."""
+    p, stages = cfg.pipeline, cfg.mesh.stage * cfg.mesh.dcn_stage
+    _positive("pipeline.microbatches", p.microbatches)
+    _positive("pipeline.virtual_stages", p.virtual_stages)
+    if stages <= 1:  # 1, or -1: the stage count is checked when the mesh is built
+        return
+    check_schedule(p.schedule, stages, p.microbatches, p.virtual_stages)
+    if cfg.batch_size % p.microbatches:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not divisible by pipeline.microbatches="
+            f"{p.microbatches} (each microbatch needs the same number of sequences)"
+        )
+    if cfg.optim.grad_accum != 1:
+        raise ConfigError(
+            f"optim.grad_accum={cfg.optim.grad_accum} with mesh.stage={stages}: a pipelined step "
+            "accumulates over pipeline.microbatches; set optim.grad_accum=1"
+        )
+    m = cfg.model
+    if not getattr(m, "decoder_checks", False):
+        return
+    chunks = stages * p.virtual_stages
+    if m.num_layers % chunks:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by mesh.stage x "
+            f"pipeline.virtual_stages = {stages} x {p.virtual_stages} = {chunks}; every chunk of "
+            "the layer stack needs the same number of layers"
+        )
+    unsupported = [
+        (m.name != "decoder", f"model.name={m.name!r} (the Linen decoder is pipelined)"),
+        (not m.scan_layers, "model.scan_layers=false (stages split the scanned stack)"),
+        (m.moe.num_experts > 0, f"model.moe.num_experts={m.moe.num_experts}"),
+        (m.context_parallel != "none", f"model.context_parallel={m.context_parallel!r}"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise ConfigError(f"mesh.stage={stages} cannot pipeline {what}; set mesh.stage=1")
+
+
 def _validate_mesh(mesh: MeshConfig) -> None:
     auto = [n for n in mesh.axis_names if getattr(mesh, n) == -1]
     if len(auto) > 1:
@@ -299,6 +363,7 @@ def validate(cfg: Config) -> None:
     _validate_rules(cfg.sharding.rules)
     _validate_param_rules(cfg.sharding.param_rules, cfg.sharding.replicate_below)
     _validate_optim(cfg.optim)
+    _validate_pipeline(cfg)
     _validate_data(cfg.data)
     _validate_checkpoint(cfg.checkpoint)
     _validate_watchdog(cfg.watchdog)

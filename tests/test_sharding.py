@@ -311,8 +311,8 @@ def test_auto_rules_without_a_mesh_name_every_axis():
     for name in ("heads", "kv_heads", "mlp", "vocab", "act_heads", "act_kv_heads", "act_mlp",
                  "act_vocab"):
         assert table[name] == "tensor", name
-    for name in ("layers", "norm", "head_dim", "act_embed", "act_head_dim", "height", "width",
-                 "channels"):
+    assert table["layers"] == "stage"  # the scanned layer stack: pipeline stages
+    for name in ("norm", "head_dim", "act_embed", "act_head_dim", "height", "width", "channels"):
         assert table[name] is None, name
 
 

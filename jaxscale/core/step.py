@@ -49,7 +49,7 @@ GradFn = Callable[..., tuple[Any, LossOutput, Any]]
 """``grad_fn(params, extra, batch, rng) -> (float32 gradient sums, LossOutput, new_extra)``."""
 
 
-def _microbatches(batch: Batch, num: int) -> Batch:
+def split_microbatches(batch: Batch, num: int) -> Batch:
     """[B, ...] -> [num, B // num, ...], microbatch i holding rows i, i+num, i+2*num, ...
 
     Taking strided rows keeps every device's share of each microbatch on that device: a device
@@ -104,7 +104,7 @@ def microbatched(grad_fn: GradFn, num: int) -> GradFn:
             out_acc = jax.tree_util.tree_map(jnp.add, out_acc, out)
             return (grads_acc, out_acc, new_extra), None
 
-        micro = _microbatches(batch, num)
+        micro = split_microbatches(batch, num)
         first = jax.tree_util.tree_map(lambda x: x[0], micro)
         _, out_shape, _ = jax.eval_shape(grad_fn, params, extra, first, rng)
         zeros = (jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), params),
@@ -152,6 +152,7 @@ def make_train_step(
     rules: shd.LogicalRules = (),
     batch_axes: Mapping[str, Sequence[str | None]] | None = None,
     weight_name: str = "tokens",
+    grad_fn: GradFn | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Build the pure training step: `gradient` -> `microbatched` -> `guarded_update`.
 
@@ -163,6 +164,8 @@ def make_train_step(
       mesh, rules: when given, activations are constrained by the rules while tracing.
       batch_axes: logical names of every batch field (the task's batch spec).
       weight_name: the metric that reports the loss weight (counted tokens or examples).
+      grad_fn: the gradient function, in place of ``microbatched(gradient(objective),
+        grad_accum)`` (a pipeline's: `jaxscale.core.pipeline_step`).
 
     Returns:
       ``train_step(state, batch, rng) -> (state, metrics)``. The step's RNG is
@@ -170,7 +173,8 @@ def make_train_step(
       loss or the gradient norm is not finite the update is dropped (parameters and optimizer
       state unchanged), `skipped_steps` grows, and ``metrics["finite"]`` is False.
     """
-    grad_fn = microbatched(gradient(objective, batch_axes), grad_accum)
+    if grad_fn is None:
+        grad_fn = microbatched(gradient(objective, batch_axes), grad_accum)
     update = guarded_update(tx)
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):

@@ -26,7 +26,7 @@ from typing import Any
 import flax.linen as nn
 
 from jaxscale.config import ConfigError, ModelConfig, register_model_config
-from jaxscale.models.adapter import Applied, ModelAdapter, call_keywords
+from jaxscale.models.adapter import Applied, ModelAdapter, Stages, call_keywords
 from jaxscale.models.decoder import Decoder
 from jaxscale.models.linen import LinenAdapter
 from jaxscale.validation import did_you_mean
@@ -90,5 +90,5 @@ def adapt(model: Any, *, config: Any = None, **kwargs: Any) -> ModelAdapter:
     )
 
 
-__all__ = ["MODELS", "Applied", "Decoder", "LinenAdapter", "ModelAdapter", "adapt",
+__all__ = ["MODELS", "Applied", "Decoder", "LinenAdapter", "ModelAdapter", "Stages", "adapt",
            "build_model", "call_keywords", "register"]

@@ -51,6 +51,25 @@ class Applied(NamedTuple):
     aux_metrics: dict  # name -> scalar reported with the metrics
 
 
+class Stages(NamedTuple):
+    """A model split for pipeline parallelism, over its own parameter tree (an adapter's
+    ``stages()``; the built-in decoder's `Decoder.pipeline_stages`).
+
+    Attributes:
+      key: the top-level parameter holding the layer stack (every leaf [layers, ...]).
+      embed: ``(params, inputs, rng, train) -> x``: the first stage's input (inputs by role).
+      layers: ``(stack params [n, ...], x, inputs, rng, train) -> x``: n layers of the stack.
+      head: ``(params, x, inputs) -> outputs``: what the task's loss reads.
+      head_keys: the top-level parameters `head` reads (the last stage holds them).
+    """
+
+    key: str
+    embed: Callable
+    layers: Callable
+    head: Callable
+    head_keys: tuple[str, ...]
+
+
 @runtime_checkable
 class ModelAdapter(Protocol):
     kind: str  # "linen" or "nnx"

@@ -25,6 +25,7 @@ from jaxscale.config import ModelConfig
 from jaxscale.core import context, remat
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
+from jaxscale.models.adapter import Stages
 from jaxscale.models.moe import MoeMlp
 from jaxscale.models.moe import summarize as summarize_moe
 
@@ -248,11 +249,81 @@ class BlockGroup(nn.Module):
         return x_BTD, stats
 
 
+def _embed(cfg: ModelConfig, tokens_BT, positions_BT, deterministic: bool):
+    """Token (and learned position) embeddings, in the calling module's scope ("embed",
+    "pos_embed"). Returns (x_BTD, the token embedding module)."""
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=dtype(cfg.dtype),
+        param_dtype=dtype(cfg.param_dtype),
+        embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed",
+    )
+    x_BTD = embed(tokens_BT)
+    if cfg.position == "learned":
+        x_BTD = x_BTD + nn.Embed(
+            cfg.max_seq_len, cfg.d_model, dtype=dtype(cfg.dtype),
+            param_dtype=dtype(cfg.param_dtype),
+            embedding_init=_init(cfg.init_std / 2, (None, "embed")), name="pos_embed",
+        )(positions_BT)
+    x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+    return nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD), embed
+
+
+def _rematted(cfg: ModelConfig, cls):
+    policy = remat.get_policy(cfg.remat)
+    if policy is None:
+        return cls
+    return nn.remat(cls, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+def _stack(cfg: ModelConfig, deterministic: bool, attention_fn: Callable | None, length: int,
+           x_BTD, positions_BT, segment_ids_BT):
+    """`length` scanned units ("layers", leading dimension named "layers"): blocks, or groups of
+    dense blocks ending in a MoE block. Returns (x_BTD, the MoE stats or None)."""
+    moe = cfg.moe.num_experts > 0
+    grouped = moe and cfg.moe.every_n_layers > 1
+    keywords = {} if grouped else {"moe": moe}
+    stack = nn.scan(
+        _rematted(cfg, BlockGroup if grouped else Block),
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    layers = stack(cfg, deterministic, attention_fn, name="layers", **keywords)
+    return layers(x_BTD, positions_BT, segment_ids_BT)
+
+
+def _logits(cfg: ModelConfig, x_BTD, embed: nn.Embed | None = None):
+    """The final norm and the vocabulary projection (the token embedding's, when tied)."""
+    x_BTD = _norm(cfg, "final_norm")(x_BTD)
+    if cfg.tie_embeddings:
+        embed = embed or nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=dtype(cfg.dtype),
+            param_dtype=dtype(cfg.param_dtype),
+            embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed",
+        )
+        logits_BTV = embed.attend(x_BTD)
+    else:
+        logits_BTV = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), name="lm_head")(x_BTD)
+    return constrain(logits_BTV, ("batch", "length", "act_vocab"))
+
+
+def _positions(tokens_BT, positions_BT):
+    if positions_BT is not None:
+        return positions_BT
+    B, T = tokens_BT.shape
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+
 class Decoder(nn.Module):
     """The decoder LM. Follows the jaxscale model interface:
 
     ``logits_BTV = model.apply(variables, tokens_BT, positions_BT=None, segment_ids_BT=None,
     deterministic=True, rngs={"dropout": key})``
+
+    `pipeline_stages()` splits it for pipeline parallelism into the embedding, runs of the
+    scanned layers and the head, over the same parameter tree.
     """
 
     cfg: ModelConfig
@@ -262,49 +333,16 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, deterministic=True):
         cfg = self.cfg
-        B, T = tokens_BT.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=dtype(cfg.dtype),
-            param_dtype=dtype(cfg.param_dtype),
-            embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed",
-        )
-        x_BTD = embed(tokens_BT)
-        if cfg.position == "learned":
-            x_BTD = x_BTD + nn.Embed(
-                cfg.max_seq_len, cfg.d_model, dtype=dtype(cfg.dtype),
-                param_dtype=dtype(cfg.param_dtype),
-                embedding_init=_init(cfg.init_std / 2, (None, "embed")), name="pos_embed",
-            )(positions_BT)
-        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
-        x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
-
+        positions_BT = _positions(tokens_BT, positions_BT)
+        x_BTD, embed = _embed(cfg, tokens_BT, positions_BT, deterministic)
         moe = cfg.moe.num_experts > 0
-        grouped = moe and cfg.moe.every_n_layers > 1
-        policy = remat.get_policy(cfg.remat)
-
-        def rematted(cls):
-            if policy is None:
-                return cls
-            return nn.remat(cls, policy=policy, prevent_cse=not cfg.scan_layers)
-
         if cfg.scan_layers:
-            # Scanned layers repeat one unit: a block, or a group of dense blocks ending in MoE.
-            keywords = {} if grouped else {"moe": moe}
-            stack = nn.scan(
-                rematted(BlockGroup if grouped else Block),
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.num_layers // (cfg.moe.every_n_layers if grouped else 1),
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            layers = stack(cfg, deterministic, self.attention_fn, name="layers", **keywords)
-            x_BTD, stats = layers(x_BTD, positions_BT, segment_ids_BT)
+            units = cfg.num_layers // (cfg.moe.every_n_layers if moe else 1)
+            x_BTD, stats = _stack(cfg, deterministic, self.attention_fn, units, x_BTD,
+                                  positions_BT, segment_ids_BT)
         else:
             per_layer = []
-            layer = rematted(Block)
+            layer = _rematted(cfg, Block)
             for i in range(cfg.num_layers):
                 is_moe = moe and (i + 1) % cfg.moe.every_n_layers == 0
                 x_BTD, layer_stats = layer(cfg, deterministic, self.attention_fn, moe=is_moe,
@@ -317,10 +355,66 @@ class Decoder(nn.Module):
                      else None)
         if stats is not None:
             summarize_moe(self, cfg, stats)
+        return _logits(cfg, x_BTD, embed)
 
-        x_BTD = _norm(cfg, "final_norm")(x_BTD)
-        if cfg.tie_embeddings:
-            logits_BTV = embed.attend(x_BTD)
-        else:
-            logits_BTV = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), name="lm_head")(x_BTD)
-        return constrain(logits_BTV, ("batch", "length", "act_vocab"))
+    def pipeline_stages(self) -> Stages:
+        """The decoder as embedding -> scanned layers -> head, for `jaxscale.core.pipeline`.
+
+        The parameter tree is the decoder's own: the embedding reads "embed" (and "pos_embed"),
+        a run of n layers reads "layers" with a leading dimension of n, the head "final_norm"
+        and "lm_head" (or "embed", tied). Dropout draws its own streams per stage, so its masks
+        differ from an unpipelined call's.
+        """
+        cfg, attention_fn = self.cfg, self.attention_fn
+        if not cfg.scan_layers or cfg.moe.num_experts:
+            raise ValueError("the decoder is pipelined with model.scan_layers=true and no "
+                             "mixture-of-experts layers")
+
+        def rngs(rng):
+            return {} if rng is None else {"dropout": rng}
+
+        def embed(params, inputs, rng, train):
+            return _Embedding(cfg).apply({"params": params}, inputs["inputs"],
+                                         inputs.get("positions"), deterministic=not train,
+                                         rngs=rngs(rng))
+
+        def layers(stack_params, x_BTD, inputs, rng, train):
+            tokens = inputs["inputs"]
+            length = jax.tree.leaves(stack_params)[0].shape[0]
+            return _Layers(cfg, length, attention_fn).apply(
+                {"params": {"layers": stack_params}}, x_BTD,
+                _positions(tokens, inputs.get("positions")), inputs.get("segment_ids"),
+                deterministic=not train, rngs=rngs(rng))
+
+        def head(params, x_BTD, inputs):
+            return _Head(cfg).apply({"params": params}, x_BTD)
+
+        head_keys = ("final_norm", "embed" if cfg.tie_embeddings else "lm_head")
+        return Stages("layers", embed, layers, head, head_keys)
+
+
+class _Embedding(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, *, deterministic=True):
+        return _embed(self.cfg, tokens_BT, _positions(tokens_BT, positions_BT), deterministic)[0]
+
+
+class _Layers(nn.Module):
+    cfg: ModelConfig
+    length: int
+    attention_fn: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, deterministic=True):
+        return _stack(self.cfg, deterministic, self.attention_fn, self.length, x_BTD,
+                      positions_BT, segment_ids_BT)[0]
+
+
+class _Head(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        return _logits(self.cfg, x_BTD)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxscale.core.trees import path_str
-from jaxscale.models.adapter import Applied, call_keywords
+from jaxscale.models.adapter import Applied, Stages, call_keywords
 
 AUX_LOSS = "aux_loss"  # collection a module sows auxiliary losses into
 METRICS = "metrics"  # collection a module sows values to report into
@@ -64,6 +64,25 @@ class LinenAdapter:
             return {}
         return {s: jax.random.fold_in(rng, i) if i else rng
                 for i, s in enumerate(self.rng_streams)}
+
+    def stages(self) -> Stages | None:
+        """The module split for pipeline parallelism (its ``pipeline_stages()``), or None.
+
+        The layer runs are called with Flax's logical axis rules unset: inside the pipeline's
+        per-stage code an ambient mesh exists, under which Flax's own constraints (and its
+        shape check of a boxed initialiser at apply time) would apply to arrays of another rank;
+        jaxscale's `constrain` still applies the rules there.
+        """
+        split = getattr(self.module, "pipeline_stages", None)
+        if split is None:
+            return None
+        stages = split()
+
+        def layers(*args):
+            with nn.logical_axis_rules(()):
+                return stages.layers(*args)
+
+        return stages._replace(layers=layers)
 
     def init(self, rng: Any, inputs: Mapping[str, Any]) -> tuple[Any, dict]:
         variables = dict(self.module.init(

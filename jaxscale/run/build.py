@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxscale.config import Config, ConfigError, ModelConfig
-from jaxscale.core import context
+from jaxscale.core import context, pipeline_step
 from jaxscale.core import sharding as shd
 from jaxscale.core import state as state_lib
 from jaxscale.core import step as step_lib
@@ -34,7 +34,15 @@ from jaxscale.core.sharding.manual import spec_axes
 from jaxscale.core.state import TrainState
 from jaxscale.errors import ShardingError
 from jaxscale.models import ModelAdapter, adapt, build_model
-from jaxscale.tasks import Task, abstract_batch, batch_axes, example_batch, make_task, objective
+from jaxscale.tasks import (
+    Task,
+    abstract_batch,
+    batch_axes,
+    example_batch,
+    make_task,
+    objective,
+    staged_objective,
+)
 from jaxscale.tasks.lm import LanguageModel
 
 
@@ -113,7 +121,8 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
     spec = task.batch_spec(cfg.batch_size)
     axes = batch_axes(spec)
     batch_shardings = shd.batch_shardings(mesh, rules, axes)
-    check_batch(cfg, spec, batch_shardings)
+    pipe = pipeline_spec(cfg, mesh, rules)
+    check_batch(cfg, spec, batch_shardings, pipelined=pipe is not None)
     tx = make_optimizer(cfg.optim, cfg.steps)
     schedule = make_schedule(cfg.optim, cfg.steps)
     variables_fn = model_variables(
@@ -122,11 +131,18 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
     )
     abstract = _abstract_state(variables_fn, tx, cfg.seed, adapter, task, spec)
     shardings = shd.state_shardings(abstract, mesh, rules, batch_names=_names(axes))
-    loss = _sequence_layout(objective(task, adapter), adapter.config, mesh, rules, spec)
+    grad_fn = None
+    if pipe is None:
+        loss = _sequence_layout(objective(task, adapter), adapter.config, mesh, rules, spec)
+    else:
+        staged = _staged(task, adapter, pipe)
+        loss = pipeline_step.objective(staged, mesh, pipe)
+        if pipe.schedule == "1f1b":
+            grad_fn = pipeline_step.one_f_one_b(staged, mesh, pipe, batch_axes=axes)
     train_step = step_lib.jit_step(
         step_lib.make_train_step(
             loss, tx, grad_accum=cfg.optim.grad_accum, learning_rate_fn=schedule, mesh=mesh,
-            rules=rules, batch_axes=axes, weight_name=task.unit,
+            rules=rules, batch_axes=axes, weight_name=task.unit, grad_fn=grad_fn,
         ),
         shardings, batch_shardings,
     )
@@ -134,6 +150,46 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
     eval_step = step_lib.jit_eval_step(eval_fn, shardings, batch_shardings)
     return Run(cfg, mesh, rules, task, adapter, tx, schedule, variables_fn, abstract, shardings,
                spec, batch_shardings, train_step, eval_fn, eval_step)
+
+
+def pipeline_spec(cfg: Config, mesh: Mesh,
+                  rules: shd.LogicalRules) -> pipeline_step.PipelineSpec | None:
+    """How the step pipelines the layer stack: over the mesh axis the rules split the stack's
+    "layers" dimension over, with `cfg.pipeline`'s schedule; None when no axis of size > 1
+    splits it.
+
+    Raises:
+      ConfigError: the stack split over more than one mesh axis.
+    """
+    axes = spec_axes(("layers",), rules, mesh)[0]
+    if not axes:
+        return None
+    if len(axes) > 1:
+        raise ConfigError(
+            f"the sharding rules split the layer stack ('layers') over mesh axes "
+            f"{', '.join(axes)}; pipeline stages run over one axis"
+        )
+    p = cfg.pipeline
+    return pipeline_step.PipelineSpec(p.schedule, p.microbatches, p.virtual_stages, axes[0],
+                                      mesh.shape[axes[0]])
+
+
+def _staged(task: Task, adapter: ModelAdapter,
+            pipe: pipeline_step.PipelineSpec) -> pipeline_step.StagedObjective:
+    """The task's objective over the model's stages, or a one-line error for a model that does
+    not split."""
+    try:
+        staged = staged_objective(task, adapter)
+    except ValueError as e:
+        raise ConfigError(f"mesh.{pipe.stage_axis}={pipe.stages}: {e}") from None
+    if staged is None:
+        obj = getattr(adapter, "module", getattr(adapter, "model", adapter))
+        raise ConfigError(
+            f"mesh.{pipe.stage_axis}={pipe.stages} splits the layer stack into pipeline stages, "
+            f"but model {type(obj).__name__!r} does not split (give it a pipeline_stages() "
+            f"method returning jaxscale.models.Stages); set mesh.{pipe.stage_axis}=1"
+        )
+    return staged
 
 
 def _sequence_layout(loss: Callable, model_cfg: Any, mesh: Mesh, rules: shd.LogicalRules,
@@ -194,8 +250,9 @@ def _names(axes: Mapping[str, tuple]) -> tuple[str, ...]:
 
 
 def check_batch(cfg: Config, spec: Mapping[str, Any],
-                shardings: Mapping[str, NamedSharding]) -> None:
-    """Every batch field (and each microbatch) must split evenly over the devices that shard it.
+                shardings: Mapping[str, NamedSharding], *, pipelined: bool = False) -> None:
+    """Every batch field (and each microbatch: of `optim.grad_accum`, or of
+    `pipeline.microbatches` when `pipelined`) must split evenly over the devices that shard it.
 
     Raises:
       ConfigError: naming batch_size (or the microbatch) and the mesh axes, or the field's
@@ -207,12 +264,15 @@ def check_batch(cfg: Config, spec: Mapping[str, Any],
             axes = shd.axes_of(target)
             parts = math.prod(mesh.shape[a] for a in axes)
             if dim == 0:
-                micro = cfg.batch_size // cfg.optim.grad_accum
+                key, num = "optim.grad_accum", cfg.optim.grad_accum
+                if pipelined:
+                    key, num = "pipeline.microbatches", cfg.pipeline.microbatches
+                micro = cfg.batch_size // num
                 if micro % parts:
                     sizes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
-                    what = (f"batch_size={cfg.batch_size}" if cfg.optim.grad_accum == 1 else
-                            f"the microbatch (batch_size={cfg.batch_size} / optim.grad_accum="
-                            f"{cfg.optim.grad_accum} = {micro})")
+                    what = (f"batch_size={cfg.batch_size}" if num == 1 else
+                            f"the microbatch (batch_size={cfg.batch_size} / {key}="
+                            f"{num} = {micro})")
                     raise ConfigError(f"{what} is not divisible by the {parts} devices that shard "
                                       f"the batch ({sizes})")
             elif size % parts:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from jaxscale.core.pipeline_step import StagedObjective
 from jaxscale.core.step import LossOutput, Objective
 from jaxscale.errors import ConfigError
 from jaxscale.tasks import classify, lm
@@ -66,5 +67,26 @@ def objective(task: Task, model: Any) -> Objective:
     return fn
 
 
+def staged_objective(task: Task, model: Any) -> StagedObjective | None:
+    """The objective in pipeline stages (`core.pipeline_step.StagedObjective`): the model's
+    embedding, layer runs and head (its adapter's ``stages()``), the task's loss on the head's
+    outputs; None for a model that does not split."""
+    split = getattr(model, "stages", None)
+    stages = split() if split is not None else None
+    if stages is None:
+        return None
+
+    def embed(params, batch, rng, train):
+        return stages.embed(params, task.model_inputs(batch), rng, train)
+
+    def stage(stack, x, batch, rng, train):
+        return stages.layers(stack, x, task.model_inputs(batch), rng, train)
+
+    def head(params, x, batch):
+        return task.loss(stages.head(params, x, task.model_inputs(batch)), batch)
+
+    return StagedObjective(stages.key, embed, stage, head, stages.head_keys)
+
+
 __all__ = ["TASKS", "BatchSpec", "Field", "Task", "abstract_batch", "batch_axes",
-           "example_batch", "make_task", "objective", "register"]
+           "example_batch", "make_task", "objective", "register", "staged_objective"]

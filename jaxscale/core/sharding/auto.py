@@ -40,7 +40,7 @@ AUTO_RULES: LogicalRules = (
     ("width", None),
     ("channels", None),
     # parameters
-    ("layers", None),
+    ("layers", "stage"),  # the scanned layer stack: pipeline stages
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),

@@ -27,8 +27,8 @@ from jaxscale.core.sharding.rules import (  # noqa: F401 (current_context is re-
 _SHARD_MAP = getattr(jax, "shard_map", None)
 if _SHARD_MAP is None:  # older jax: the experimental module
     from jax.experimental.shard_map import shard_map as _SHARD_MAP
-_CHECK_KEYWORD = ("check_vma" if "check_vma" in inspect.signature(_SHARD_MAP).parameters
-                  else "check_rep")
+_PARAMETERS = inspect.signature(_SHARD_MAP).parameters
+_CHECK_KEYWORD = "check_vma" if "check_vma" in _PARAMETERS else "check_rep"
 
 
 def spec_axes(logical_axes: Sequence[LogicalName], rules: LogicalRules,
@@ -45,12 +45,19 @@ def partition_spec(axes: Sequence[tuple[str, ...]]) -> PartitionSpec:
 
 
 def shard_map(fn: Callable, mesh: Mesh, *, in_specs: Any, out_specs: Any,
-              check: bool = False) -> Callable:
-    """`jax.shard_map` over every axis of `mesh`, on any supported jax version.
+              check: bool = False, axis_names: set[str] | None = None) -> Callable:
+    """`jax.shard_map` over the axes of `mesh`, on any supported jax version.
 
     Args:
       check: the replication/varying-axes check of shard_map (off by default: the callers here
         reduce explicitly).
+      axis_names: the axes run by hand (default: all); the others stay with the compiler, so
+        arrays inside keep their shardings over them and sharding constraints still apply.
     """
-    return _SHARD_MAP(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                      **{_CHECK_KEYWORD: check})
+    keywords: dict[str, Any] = {_CHECK_KEYWORD: check}
+    if axis_names is not None and set(axis_names) != set(mesh.axis_names):
+        if "axis_names" in _PARAMETERS:
+            keywords["axis_names"] = set(axis_names)
+        else:  # the experimental module names the complement
+            keywords["auto"] = frozenset(mesh.axis_names) - set(axis_names)
+    return _SHARD_MAP(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **keywords)

@@ -281,6 +281,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[LogicalName]) -> jax.Array:
     mesh, rules = context
     what = f"activation {tuple(logical_axes)}"
     sharding = named_sharding(mesh, logical_axes, rules, x.shape, what=what)
+    ambient = jax.sharding.get_abstract_mesh()
+    if not ambient.empty and ambient.manual_axes:
+        # Inside a shard_map over some axes (a pipeline stage): the constraint is on the other
+        # axes of the mesh as the per-device code sees it.
+        sharding = NamedSharding(ambient, sharding.spec)
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
