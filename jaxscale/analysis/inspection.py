@@ -9,13 +9,16 @@ The report holds, per device: every parameter's shard (the sharding report), the
 optimizer-state and activation/temporary bytes of the compiled step (XLA's memory analysis), the
 FLOPs per step, the collectives of the partitioned HLO (count and bytes per kind), whether the
 donated state really aliases the new state, and warnings: large replicated parameters and XLA's
-"involuntary full rematerialization" (a resharding that gathers the whole tensor first).
+"involuntary full rematerialization" (a resharding that gathers the whole tensor first). A
+pipelined step adds its schedule's bubble (counted in its timetable), the chunk inputs a stage
+holds at once and the bytes each device sends to its neighbour stage.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -26,9 +29,12 @@ import jax
 
 from jaxscale.analysis import hlo, metrics
 from jaxscale.config import Config
+from jaxscale.core import pipeline
 from jaxscale.core import sharding as shd
+from jaxscale.core import state as state_lib
 from jaxscale.core.units import format_bytes
 from jaxscale.run.build import Run, build
+from jaxscale.tasks import staged_objective
 
 # A parameter replicated on every device is worth a warning from this size up (bytes).
 REPLICATED_WARN_BYTES = 1 << 20
@@ -109,6 +115,64 @@ class Memory:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineReport:
+    """What a pipelined step's schedule costs (`pipeline_report`)."""
+
+    schedule: str
+    stages: int
+    microbatches: int
+    virtual_stages: int
+    ticks: int  # of the step's timetable (forward-only for gpipe and circular)
+    idle_slots: int  # stage-ticks with nothing to do, counted in the timetable
+    bubble_fraction: float  # idle_slots / (ticks x stages)
+    bubble_formula: float  # (S-1)/(V*M+S-1)
+    in_flight: int  # chunk inputs a stage holds at once (all of them until an autodiff backward)
+    transfer_bytes: int  # one microbatch's activation shard, sent stage to stage (per device)
+    transfers: int  # sends per stage per step (one per tick and direction)
+
+    @property
+    def stage_bytes(self) -> int:
+        """Bytes each device sends to its neighbour stage per step."""
+        return self.transfer_bytes * self.transfers
+
+    def format(self) -> str:
+        fb = format_bytes
+        return "\n".join([
+            f"pipeline: {self.schedule} over {self.stages} stages, {self.microbatches} "
+            f"microbatches x {self.virtual_stages} virtual stage(s)",
+            f"  bubble            {self.bubble_fraction:>11.1%}   ({self.idle_slots} idle of "
+            f"{self.ticks * self.stages} stage-ticks; (S-1)/(V*M+S-1) = {self.bubble_formula:.1%})",
+            f"  in flight         {self.in_flight:>12}   (chunk inputs a stage holds at once)",
+            f"  stage-to-stage    {fb(self.stage_bytes):>12}   per device per step "
+            f"({self.transfers} sends of {fb(self.transfer_bytes)})",
+        ])
+
+
+def pipeline_report(run: Run) -> PipelineReport | None:
+    """The schedule's bubble, in-flight count and stage-to-stage bytes; None unpipelined."""
+    spec = run.pipeline
+    if spec is None:
+        return None
+    table = spec.table()
+    staged = staged_objective(run.task, run.model)
+    micro = {k: jax.ShapeDtypeStruct((f.shape[0] // spec.microbatches, *f.shape[1:]), f.dtype)
+             for k, f in run.batch_spec.items()}
+    params = state_lib.unbox(run.abstract).params
+    x = jax.eval_shape(lambda p, b: staged.embed(p, b, None, False), params, micro)
+    first = next(iter(run.batch_shardings.values()))
+    batch_parts = math.prod(run.mesh.shape[a] for a in shd.axes_of(first.spec[0]))
+    return PipelineReport(
+        schedule=spec.schedule, stages=spec.stages, microbatches=spec.microbatches,
+        virtual_stages=spec.virtual_stages, ticks=table.ticks, idle_slots=table.idle_slots,
+        bubble_fraction=table.bubble_fraction,
+        bubble_formula=pipeline.bubble_formula(spec.stages, spec.microbatches,
+                                               spec.virtual_stages),
+        in_flight=table.in_flight, transfer_bytes=x.size * x.dtype.itemsize // batch_parts,
+        transfers=pipeline.stage_transfers(table),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Inspection:
     rows: list[shd.ReportRow]  # the sharding report, one row per state leaf
     memory: Memory
@@ -120,6 +184,7 @@ class Inspection:
     num_devices: int
     mesh_shape: dict[str, int]
     compile_s: float
+    pipeline: PipelineReport | None = None
 
     def collective_summary(self) -> dict[str, hlo.KindSummary]:
         return hlo.summarize(self.collectives)
@@ -143,6 +208,8 @@ class Inspection:
         if self.xla_flops_per_device:
             lines.append(f"  XLA cost analysis: {self.xla_flops_per_device:.4g} per device "
                          "(counts a scanned layer loop's body once)")
+        if self.pipeline is not None:
+            lines += ["", self.pipeline.format()]
         lines += ["", "collectives in the compiled HLO:", hlo.format_collectives(self.collectives)]
         lines += ["", "warnings:" if self.warnings else "warnings: none"]
         lines += [f"  - {w}" for w in self.warnings]
@@ -182,6 +249,7 @@ def inspect_compiled(c: Compiled, *, replicated_warn_bytes: int = REPLICATED_WAR
         flops_source="model" if per_example is not None else "XLA",
         xla_flops_per_device=stats.flops, collectives=collectives, warnings=warnings,
         num_devices=num_devices, mesh_shape=dict(c.mesh.shape), compile_s=c.compile_s,
+        pipeline=pipeline_report(run),
     )
 
 

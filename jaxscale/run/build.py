@@ -65,6 +65,7 @@ class Run:
     train_step: Callable  # jitted (state, batch, rng) -> (state, metrics), state donated
     eval_fn: Callable  # pure (state, batch, sums) -> sums
     eval_step: Callable  # eval_fn jitted with the state's and the batch's shardings
+    pipeline: pipeline_step.PipelineSpec | None = None  # how the layer stack is pipelined
 
     def init_state(self) -> TrainState:
         """A fresh state, every leaf born with its sharding."""
@@ -149,7 +150,7 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
     eval_fn = step_lib.make_eval_step(loss, mesh=mesh, rules=rules, batch_axes=axes)
     eval_step = step_lib.jit_eval_step(eval_fn, shardings, batch_shardings)
     return Run(cfg, mesh, rules, task, adapter, tx, schedule, variables_fn, abstract, shardings,
-               spec, batch_shardings, train_step, eval_fn, eval_step)
+               spec, batch_shardings, train_step, eval_fn, eval_step, pipe)
 
 
 def pipeline_spec(cfg: Config, mesh: Mesh,
