@@ -287,9 +287,16 @@ def buffer_slots(table: Timetable) -> int:
 
 
 def stage_transfers(table: Timetable) -> int:
-    """Activations (and, for a forward-and-backward table, gradients) one stage sends per step:
-    the loop sends one per tick in each direction."""
-    return table.ticks * (2 if table.has_backward else 1)
+    """Microbatch activations (or their gradients) each stage sends per training step.
+
+    The loops send one per tick in each direction they run: a forward-and-backward table sends
+    activations forward and gradients back every tick; a forward-only table sends activations
+    every tick, its autodiff backward the gradients every tick, and the last stage's M outputs
+    go to the head (which runs on every device) and their M gradients come back.
+    """
+    if table.has_backward:
+        return 2 * table.ticks
+    return 2 * table.ticks + 2 * table.microbatches
 
 
 # --------------------------------------------------------------------------------------------
