@@ -44,6 +44,7 @@ MAIN_KEYS = (
     "scan_layers,remat,context_parallel}, model.moe.{num_experts,top_k,dispatch}, "
     "mesh.{data,fsdp,tensor,sequence,expert,stage}, sharding.rules, "
     "optim.{name,lr,schedule,warmup_steps,weight_decay,clip_norm,grad_accum}, "
+    "pipeline.{microbatches,schedule,virtual_stages}, "
     "data.{source,path,tokenizer}, checkpoint.{dir,every,keep,restore_step,init_from}"
 )
 
