@@ -50,6 +50,12 @@ BENCHMARKS = {
         "Same model per table, 8 simulated devices. The CPU has no grouped-matmul kernel: "
         "ragged_dot runs as dense work there, so dropless rows are slow on the CPU; temps of the "
         "dropless expert-parallel rows include the worst-case exchange buffers."),
+    "pipeline_schedules": (
+        "Pipeline schedules vs FSDP: step time, bubble and bytes per device", [], ["--quick"],
+        "Same model and global batch on every row, 8 simulated devices. The 8 devices share the "
+        "CPU's cores, so a pipelined step's time is its total work, not its overlap: a stage's "
+        "idle ticks (the bubble) are filled with other devices' work here, while an accelerator "
+        "would wait through them."),
     "scan_vs_unrolled": (
         "Scanned vs unrolled layers: compile time and step time", [], ["--quick"],
         "Compile time grows with the number of layers only when they are unrolled."),
