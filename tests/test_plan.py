@@ -10,6 +10,7 @@ import pytest
 from jaxscale import config as config_lib
 from jaxscale.analysis import hlo
 from jaxscale.analysis import plan as plan_lib
+from jaxscale.core import pipeline
 from jaxscale.errors import ConfigError
 
 SMALL = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2",
@@ -23,8 +24,10 @@ def _cfg(*overrides):
 def test_candidates_respect_divisibility():
     h100 = plan_lib.TARGETS["h100"]
     got = {(c.strategy, c.label) for c in plan_lib.candidates(_cfg(), 8, h100, ("full",))}
-    # kv heads = 2 limits tensor parallelism to 2; one node of 8 leaves no room for hsdp
-    assert got == {("dp", "data=8"), ("fsdp", "fsdp=8"), ("fsdp_tp", "fsdp=4 x tensor=2")}
+    # kv heads = 2 limits tensor parallelism to 2; one node of 8 leaves no room for hsdp; two
+    # layers leave two pipeline stages
+    assert got == {("dp", "data=8"), ("fsdp", "fsdp=8"), ("fsdp_tp", "fsdp=4 x tensor=2"),
+                   ("pp", "stage=2 x fsdp=4")}
     on_4_nodes = {(c.strategy, c.label) for c in
                   plan_lib.candidates(config_lib.load("llama-8b"), 32, h100, ("full",))}
     assert ("hsdp", "data=4 x fsdp=8") in on_4_nodes and ("hsdp", "data=2 x fsdp=16") in on_4_nodes
@@ -126,7 +129,8 @@ def _env():
 
 def test_plan_command_simulates_the_devices(tmp_path):
     """A fresh process: `--devices 4` makes 4 CPU devices before jax starts (the tests' own
-    process has 8). One kv head rules tensor parallelism out: two candidates, dp and fsdp."""
+    process has 8). One kv head rules tensor parallelism out: three candidates, dp, fsdp and
+    two pipeline stages (8 microbatches of 2 sequences, one per fsdp device)."""
     proc = subprocess.run(
         [sys.executable, "-m", "jaxscale.cli", "plan", "--config", "tiny", "--devices", "4",
          "--target", "tpu-v5e", "--device-memory", "1GB", "--remat", "full", *SMALL,
@@ -136,19 +140,23 @@ def test_plan_command_simulates_the_devices(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "plan: 2 layers x d_model 64, batch 16 x 16 tokens on 4 x tpu-v5e" in out
-    rows = [line for line in out.splitlines() if line.startswith(("dp ", "fsdp"))]
+    rows = [line for line in out.splitlines() if line.startswith(("dp ", "fsdp", "pp "))]
     assert [r.split()[:4] for r in rows] == [["dp", "data=4", "full", "fits"],
-                                             ["fsdp", "fsdp=4", "full", "fits"]]
+                                             ["fsdp", "fsdp=4", "full", "fits"],
+                                             ["pp", "stage=2", "x", "fsdp=2"]]
+    assert rows[2].split()[4:6] == ["full", "fits"] and rows[2].endswith("  bubble 11.1%")
+    assert not any("bubble" in r for r in rows[:2])
     assert "recommendation:" in out and "invalid" not in out
 
 
 @pytest.mark.slow
 def test_llama_8b_on_64_h100s_plans_within_minutes():
-    """The docs' example: llama-8b on 64 H100s; FSDP fits with full remat, data parallelism
-    (90 GB of state per device) does not."""
+    """The docs' example (full remat only, the policy whose rows it checks): llama-8b on 64
+    H100s; FSDP fits with full remat, data parallelism (90 GB of state per device) does not, and
+    8 stages x fsdp 8 fit with the bubble of 32 microbatches."""
     proc = subprocess.run(
         [sys.executable, "-m", "jaxscale.cli", "plan", "--config", "llama-8b", "--devices", "64",
-         "--target", "h100"],
+         "--target", "h100", "--remat", "full"],
         capture_output=True, text=True, env=_env(), timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -157,6 +165,8 @@ def test_llama_8b_on_64_h100s_plans_within_minutes():
     assert "does not fit (state 89.75 GiB + gradients 29.92 GiB per device)" in dp
     fsdp = next(line for line in lines if line.startswith("fsdp ") and " full " in line)
     assert " fits " in fsdp and "1.41 GiB" in fsdp  # 8.03B x 12 bytes / 64
+    pp = next(line for line in lines if line.startswith("pp       stage=8 x fsdp=8 "))
+    assert " fits " in pp and pp.endswith("  bubble 17.9%")  # 7 / (32 + 7)
     assert "recommendation:" in proc.stdout
 
 
@@ -189,3 +199,107 @@ def test_expert_and_ring_candidates_are_priced_by_their_exchanges():
                             plan_lib.PLANNED_AXES + ("sequence",), "ring")
     est = plan_lib.evaluate(long, cp, 8, h100, 1e12)
     assert est.fits and est.collective_bytes["collective-permute"] > 0
+
+
+def test_pipeline_candidates_split_the_layers_and_the_batch():
+    """Stages 2, 4, 8 dividing the layers and devices, fsdp the rest, 1f1b with the most
+    microbatches (of 4S, 2S, S) whose sequences the fsdp devices share evenly."""
+    h100 = plan_lib.TARGETS["h100"]
+    cands = plan_lib.candidates(_cfg("model.num_layers=8"), 8, h100, ("full", "none"))
+    pp = {c.label: c for c in cands if c.strategy == "pp"}
+    assert set(pp) == {"stage=2 x fsdp=4", "stage=4 x fsdp=2", "stage=8"}
+    # batch 16: 16/16 = 1 sequence cannot feed 4 (or 2) fsdp devices, 16/4 = 4 (or 16/8 = 2) can
+    assert {k: c.microbatches for k, c in pp.items()} == {
+        "stage=2 x fsdp=4": 4, "stage=4 x fsdp=2": 8, "stage=8": 16}
+    assert pp["stage=4 x fsdp=2"].overrides == [
+        "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.stage=4", "pipeline.schedule=1f1b",
+        "pipeline.microbatches=8", "sharding.rules=auto", "model.remat=none"]
+    assert sum(c.strategy == "pp" for c in cands) == 3 * 2  # every layout with both policies
+    assert not any("stage" in o for c in cands if c.strategy != "pp" for o in c.overrides)
+    assert pp["stage=8"].mesh == (("stage", 8),)
+    # 6 sequences: no M of 4S, 2S or S divides them into shares for every fsdp device
+    assert not any(c.strategy == "pp" for c in plan_lib.candidates(_cfg("batch_size=6"), 8, h100))
+    for unpipelined in (_cfg("model.scan_layers=false"),
+                        _cfg("model.moe.num_experts=4", "model.moe.top_k=2"),
+                        _cfg("model.num_layers=1")):
+        assert not any(c.strategy == "pp" for c in plan_lib.candidates(unpipelined, 8, h100))
+    # a pipelined config's other candidates are evaluated unpipelined (mesh.stage reset to 1;
+    # fsdp=8 x stage=2 would ask for 16 devices), here rejected before compiling
+    staged = _cfg("mesh.stage=2", "pipeline.microbatches=4")
+    fsdp = next(c for c in cands if c.strategy == "fsdp")
+    est = plan_lib.evaluate(staged, fsdp, 8, h100, limit_bytes=1)
+    assert est.status.startswith("does not fit (state") and est.bubble == 0
+
+
+def test_pipeline_estimate_stretches_the_compute_by_the_bubble():
+    """A bfloat16 pp candidate (2 stages x fsdp 4, 4 microbatches) compiles; its bubble is the
+    schedule's, its compute waits out the bubble, and its backward recomputes the stage."""
+    cfg = _cfg("model.dtype=bfloat16")
+    h100 = plan_lib.TARGETS["h100"]
+    pp = next(c for c in plan_lib.candidates(cfg, 8, h100, ("full",)) if c.strategy == "pp")
+    est = plan_lib.evaluate(cfg, pp, 8, h100, 1e12)
+    assert est.fits and pp.microbatches == 4 and est.compute_s > 0
+    assert est.bubble == pytest.approx(pipeline.bubble_formula(2, 4, 1)) == pytest.approx(0.2)
+    assert est.step_s >= est.compute_s / (1 - est.bubble) - 1e-15
+    unpipelined, model_s = plan_lib.compute_seconds(cfg, "full", 8, h100)
+    assert est.compute_s > unpipelined and est.model_s == model_s  # the stage forward, again
+    # the stage-to-stage sends are the tick loop's collective-permutes, priced once
+    assert 0 < est.stage_bytes <= est.collective_bytes["collective-permute"]
+    assert plan_lib.format_row(est).endswith("  bubble 20.0%")
+    plain = plan_lib.Estimate(pp, "fits", compute_s=2.0, comm_s=1.0)  # no bubble: as before
+    assert plain.step_s == 2.0 and "bubble" not in plan_lib.format_row(plain)
+
+
+# A tick loop of 6 ticks (1f1b over 2 stages with 2 microbatches: each stage runs 2 forward and
+# 2 backward ticks) whose forward branch runs a 3-layer loop with one all-gather per layer.
+PIPELINED = """\
+HloModule jit_train_step, entry_computation_layout={()->()}
+
+%layer (p.2: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p.2 = (s32[], f32[8]{0}) parameter(0)
+  %x.2 = f32[8]{0} get-tuple-element(%p.2), index=1
+  %all-gather.1 = f32[32]{0} all-gather(%x.2), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %t.2 = (s32[], f32[8]{0}) tuple(%x.2, %x.2)
+}
+
+%layer_cond (p.3: (s32[], f32[8])) -> pred[] {
+  %p.3 = (s32[], f32[8]{0}) parameter(0)
+  ROOT %c.3 = pred[] constant(true)
+}
+
+%idle (p.4: (s32[], f32[8])) -> (s32[], f32[8]) {
+  ROOT %p.4 = (s32[], f32[8]{0}) parameter(0)
+}
+
+%forward (p.5: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p.5 = (s32[], f32[8]{0}) parameter(0)
+  ROOT %while.5 = (s32[], f32[8]{0}) while(%p.5), condition=%layer_cond, body=%layer, backend_config={"known_trip_count":{"n":"3"}}
+}
+
+%tick (p.6: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p.6 = (s32[], f32[8]{0}) parameter(0)
+  %code = s32[] get-tuple-element(%p.6), index=0
+  %x.6 = f32[8]{0} get-tuple-element(%p.6), index=1
+  %permute.6 = f32[8]{0} collective-permute(%x.6), channel_id=2, source_target_pairs={{0,4},{1,5},{2,6},{3,7}}
+  ROOT %conditional.6 = (s32[], f32[8]{0}) conditional(%code, %p.6, %p.6, %p.6), branch_computations={%idle, %forward, %idle}
+}
+
+%tick_cond (p.7: (s32[], f32[8])) -> pred[] {
+  %p.7 = (s32[], f32[8]{0}) parameter(0)
+  ROOT %c.7 = pred[] constant(true)
+}
+
+ENTRY %main (param.1: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %param.1 = (s32[], f32[8]{0}) parameter(0)
+  ROOT %while.1 = (s32[], f32[8]{0}) while(%param.1), condition=%tick_cond, body=%tick, backend_config={"known_trip_count":{"n":"6"}}
+}
+"""  # noqa: E501  (HLO instructions are long lines)
+
+
+def test_pipeline_trips_count_the_layers_in_the_ticks_that_run_them():
+    table = pipeline.schedule_timetable("1f1b", 2, 2)
+    assert table.ticks == 6 and (table.code[:, 0] == pipeline.FORWARD).sum() == 2
+    found = hlo.collectives(PIPELINED, 8)
+    assert {c.name: c.trips for c in found} == {"all-gather.1": 3, "permute.6": 6}
+    counted = {c.name: c.trips for c in plan_lib.pipeline_trips(PIPELINED, found, table)}
+    assert counted == {"all-gather.1": 3 * 2, "permute.6": 6}  # 3 layers x 2 forward ticks

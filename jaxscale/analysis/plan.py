@@ -1,23 +1,30 @@
 """`jaxscale plan`: pick a mesh and a remat policy for N devices before renting them.
 
-For every candidate layout of N devices (data, fsdp, hybrid, fsdp x tensor; see `candidates`) and
-remat policy, the train step is compiled ahead of time for N simulated CPU devices from abstract
-shapes (nothing is allocated) and judged against a target accelerator (`TARGETS`):
+For every candidate layout of N devices (data, fsdp, hybrid, fsdp x tensor, pipeline stages x
+fsdp; see `candidates`) and remat policy, the train step is compiled ahead of time for N
+simulated CPU devices from abstract shapes (nothing is allocated) and judged against a target
+accelerator (`TARGETS`):
 
 * memory: XLA's memory analysis of the compiled step (arguments + outputs + temporaries -
   donated) against the target's HBM times `usable_fraction`;
 * step time, a roofline that assumes compute and communication overlap fully:
       compute_s = (model FLOPs + the policy's forward recompute) / devices / peak FLOP/s
+                  (1f1b pipelines add one forward of the layers: their backward reruns it)
       comm_s    = sum over the collectives of the partitioned HLO of
                   bytes x ring factor / bandwidth of the link the replica group spans
-      step_s    = max(compute_s, comm_s)          (also reported: compute_s + comm_s)
+      step_s    = max(compute_s / (1 - bubble), comm_s)   (also reported: compute_s + comm_s)
+  bubble is 0 without pipeline stages; with them it is the idle share of the stage-ticks of the
+  schedule's timetable, (S-1)/(V*M+S-1), which stretches the compute: every stage computes
+  1/S of the layers but idles that share of the step.
   Ring factors: all-gather, reduce-scatter, all-to-all (n-1)/n; all-reduce 2(n-1)/n;
   collective-permute 1. A group within one node (devices_per_node consecutive devices) uses the
   intra-node bandwidth (NVLink, ICI), one that spans nodes the inter-node one (InfiniBand, DCN).
-  All-reduces that only feed slices are priced as the reduce-scatters GPUs and TPUs run.
+  All-reduces that only feed slices are priced as the reduce-scatters GPUs and TPUs run. A
+  pipelined step's stage-to-stage sends are the collective-permutes of its tick loop.
 
 The recommendation is the fitting candidate with the smallest step_s (ties: smaller
-compute + comm, then less memory). docs/plan.md has the derivation and worked examples.
+compute (bubble included) + comm, then less memory). docs/plan.md has the derivation and worked
+examples.
 
 GPU targets run attention as cuDNN's fused kernel, which the CPU compiler does not have; `plan`
 compiles those with a stand-in of the same memory footprint (it keeps q, k, v, the output and the
@@ -30,15 +37,18 @@ the CPU compiler would expand them over every expert, GPU and TPU kernels do not
 from __future__ import annotations
 
 import dataclasses
+import re
+import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxscale import config as config_lib
 from jaxscale.analysis import hlo, metrics
 from jaxscale.config import Config, ConfigError
-from jaxscale.core import experts
+from jaxscale.core import experts, pipeline
 from jaxscale.core import sharding as shd
 from jaxscale.core.units import format_bytes
 from jaxscale.errors import ShardingError
@@ -98,20 +108,26 @@ RECOMPUTE: dict[str, tuple[str, ...]] = {
 }
 
 
-# Mesh axes every candidate sets; expert and sequence join them where candidates use them.
+# Mesh axes every candidate sets; expert, sequence and stage join them where candidates use them.
 PLANNED_AXES = ("data", "fsdp", "tensor")
 # From this many tokens per sequence on, candidates include context parallelism (ring).
 LONG_SEQUENCE = 16384
+# Pipeline stages tried (dividing the layers and the devices), and the schedule they run.
+PIPELINE_STAGES = (2, 4, 8)
+PIPELINE_SCHEDULE = "1f1b"
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    strategy: str  # dp | fsdp | hsdp | fsdp_tp | ep (expert x fsdp) | cp (sequence x fsdp)
+    # dp | fsdp | hsdp | fsdp_tp | ep (expert x fsdp) | cp (sequence x fsdp) | pp (stage x fsdp)
+    strategy: str
     mesh: tuple[tuple[str, int], ...]  # mesh axis sizes that are not 1
     rules: str  # sharding rule preset
     remat: str  # remat policy
     axes: tuple[str, ...] = PLANNED_AXES  # mesh axes the overrides set
     context_parallel: str = "none"  # model.context_parallel
+    stage_schedule: str = ""  # pipeline.schedule of a pp candidate ("": not pipelined)
+    microbatches: int = 1  # pipeline.microbatches of a pp candidate
 
     @property
     def overrides(self) -> list[str]:
@@ -119,6 +135,9 @@ class Candidate:
         out = [f"mesh.{a}={sizes.get(a, 1)}" for a in self.axes]
         if self.context_parallel != "none":
             out.append(f"model.context_parallel={self.context_parallel}")
+        if self.stage_schedule:
+            out += [f"pipeline.schedule={self.stage_schedule}",
+                    f"pipeline.microbatches={self.microbatches}"]
         return out + [f"sharding.rules={self.rules}", f"model.remat={self.remat}"]
 
     @property
@@ -137,14 +156,21 @@ class Estimate:
     comm_s: float = 0.0
     collective_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     compile_s: float = 0.0
+    bubble: float = 0.0  # pipeline bubble: idle share of the stage-ticks (0 unpipelined)
+    stage_bytes: int = 0  # bytes each device sends to its neighbour stages per step
 
     @property
     def fits(self) -> bool:
         return self.status == "fits"
 
     @property
+    def pipelined_compute_s(self) -> float:
+        """compute_s stretched by the bubble: the stages idle `bubble` of the step."""
+        return self.compute_s / (1 - self.bubble)
+
+    @property
     def step_s(self) -> float:
-        return max(self.compute_s, self.comm_s)
+        return max(self.pipelined_compute_s, self.comm_s)
 
     model_s: float = 0.0  # the model FLOPs alone at peak (no recompute)
 
@@ -169,7 +195,7 @@ class Plan:
         fitting = [e for e in self.estimates if e.fits]
         if not fitting:
             return None
-        return min(fitting, key=lambda e: (round(e.step_s, 6), e.compute_s + e.comm_s,
+        return min(fitting, key=lambda e: (round(e.step_s, 6), e.pipelined_compute_s + e.comm_s,
                                            e.peak_bytes))
 
 
@@ -199,7 +225,9 @@ def candidates(cfg: Config, num_devices: int, target: Target,
     fsdp_tp (tensor = 2, 4, 8 within a node when the heads, kv heads and MLP width divide, fsdp
     the rest); for a mixture-of-experts model ep (expert = 2, 4, 8, ... dividing the experts, up
     to a node, fsdp the rest); from `LONG_SEQUENCE` tokens on cp (sequence = 2, 4, 8 within a
-    node with the load-balanced ring, fsdp the rest).
+    node with the load-balanced ring, fsdp the rest); for a decoder with a scanned layer stack,
+    no experts and no context parallelism pp (stage = 2, 4, 8 dividing the layers and the devices,
+    fsdp the rest, the 1f1b schedule with `pipeline_microbatches` microbatches; see there).
     """
     m = cfg.model
     moe = getattr(m, "moe", None)
@@ -228,8 +256,29 @@ def candidates(cfg: Config, num_devices: int, target: Target,
     for sequence in (2, 4, 8) if long else ():
         if sequence <= node and num_devices % sequence == 0 and cfg.seq_len % (2 * sequence) == 0:
             meshes.append(("cp", split(sequence) + (("sequence", sequence),), "auto"))
-    return [Candidate(s, mesh, rules, r, axes, "ring" if s == "cp" else "none")
-            for s, mesh, rules in meshes for r in remats]
+    out = [Candidate(s, mesh, rules, r, axes, "ring" if s == "cp" else "none")
+           for s, mesh, rules in meshes for r in remats]
+    pipelines = (getattr(m, "scan_layers", False) and not experts
+                 and getattr(m, "context_parallel", "none") == "none")
+    for stage in PIPELINE_STAGES if pipelines else ():
+        if stage > num_devices or num_devices % stage or m.num_layers % stage:
+            continue
+        micro = pipeline_microbatches(cfg.batch_size, stage, num_devices // stage)
+        if micro:
+            out += [Candidate("pp", (("stage", stage),) + split(stage), "auto", r,
+                              axes + ("stage",), stage_schedule=PIPELINE_SCHEDULE,
+                              microbatches=micro) for r in remats]
+    return out
+
+
+def pipeline_microbatches(batch_size: int, stages: int, batch_shards: int) -> int:
+    """The microbatches of a pp candidate: the largest of 4S, 2S and S that splits the batch
+    into equal microbatches that `batch_shards` devices (the fsdp ones) share evenly; 0 if none
+    does. More microbatches shrink the bubble, (S-1)/(M+S-1), at the price of smaller matmuls."""
+    for micro in (4 * stages, 2 * stages, stages):
+        if batch_size % micro == 0 and (batch_size // micro) % batch_shards == 0:
+            return micro
+    return 0
 
 
 def compute_seconds(cfg: Config, remat: str, num_devices: int, target: Target) -> tuple[float,
@@ -247,6 +296,10 @@ def compute_seconds(cfg: Config, remat: str, num_devices: int, target: Target) -
     pieces = {"qkv": 2 * D * (N + 2 * K) * H, "attn": attn_fwd, "out": 2 * N * H * D,
               "mlp_in": 2 * (2 if m.mlp == "swiglu" else 1) * D * F, "mlp_out": 2 * D * F}
     recompute = L * sum(pieces[p] for p in RECOMPUTE.get(remat, ()))
+    if cfg.mesh.stage > 1 and cfg.pipeline.schedule == "1f1b":
+        # 1f1b keeps only a stage's input per microbatch: its backward recomputes the whole
+        # stage forward (under jax.vjp), on top of what the remat policy recomputes inside it.
+        recompute += L * sum(pieces.values())
     tokens = cfg.batch_size * cfg.seq_len
     model_s = tokens * flops.causal_per_token / num_devices / target.peak_flops
     return tokens * (per_token + recompute) / num_devices / target.peak_flops, model_s
@@ -280,6 +333,77 @@ def comm_seconds(collectives: Sequence[hlo.Collective], target: Target) -> tuple
     return total, by_kind
 
 
+# Compiler options of a pipelined step. The 1f1b loop sums the first stage's input gradients over
+# the stage axis in the activations' dtype; the CPU compiler promotes a bfloat16 all-reduce to
+# float32 (a pass GPU and TPU compilers do not run, they reduce bfloat16 natively) and aborts the
+# process on that one, whose reducer carries a sharding constraint. Without the pass the
+# all-reduce stays bfloat16, as on the targets.
+PIPELINE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "all-reduce-promotion"}
+
+
+def _compile(run):
+    """`inspection.compile_run`, with `PIPELINE_COMPILER_OPTIONS` for a pipelined step."""
+    from jaxscale.analysis.inspection import Compiled, capture_stderr, compile_run
+
+    if run.pipeline is None:
+        return compile_run(run)
+    start = time.perf_counter()
+    with capture_stderr() as log:
+        compiled = run.lower().compile(compiler_options=PIPELINE_COMPILER_OPTIONS)
+    return Compiled(run, compiled, time.perf_counter() - start, log[0] if log else "")
+
+
+_CALLED = re.compile(r"\b(body|to_apply|calls|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def pipeline_trips(hlo_text: str, collectives: Sequence[hlo.Collective],
+                   table: pipeline.Timetable) -> list[hlo.Collective]:
+    """`collectives` of a pipelined step with `trips` counted through every enclosing loop.
+
+    `hlo.collectives` weighs a collective by its innermost loop's trip count. A pipelined step
+    runs the layer loops inside the branches of its tick loop's switch (idle, forward,
+    backward: `pipeline.IDLE`, `FORWARD`, `BACKWARD`), so a layer's collective runs
+    (layer-loop trips) x (ticks that run its branch) times per step. Here a computation runs
+    the sum over the instructions calling it of runs(caller) x: the trip count for a loop body;
+    for branch k of a conditional in the body of a loop of `table.ticks` trips, the share of a
+    stage's ticks with code k; otherwise 1.
+    """
+    instrs = hlo.parse(hlo_text)
+    trips_of_body: dict[str, int] = {}
+    for i in instrs.values():
+        body, n = re.search(r"\bbody=%([\w.\-]+)", i.attrs), _TRIP_COUNT.search(i.attrs)
+        if i.opcode == "while" and body and n:
+            trips_of_body[body.group(1)] = int(n.group(1))
+    codes = np.asarray(table.code)
+    share = [float(np.mean(np.sum(codes == k, axis=0))) / table.ticks
+             for k in (pipeline.IDLE, pipeline.FORWARD, pipeline.BACKWARD)]
+    callers: dict[str, list[tuple[str, float]]] = {}
+    for i in instrs.values():
+        for key, callee in _CALLED.findall(i.attrs):
+            factor = trips_of_body.get(callee, 1) if key == "body" else 1
+            callers.setdefault(callee, []).append((i.computation, factor))
+        m = _BRANCHES.search(i.attrs)
+        if m:
+            branches = [b.strip().lstrip("%") for b in m.group(1).split(",") if b.strip()]
+            tick = (trips_of_body.get(i.computation) == table.ticks
+                    and len(branches) <= len(share))
+            for k, b in enumerate(branches):
+                callers.setdefault(b, []).append((i.computation, share[k] if tick else 1))
+    runs: dict[str, float] = {}
+
+    def runs_of(comp: str, seen: frozenset = frozenset()) -> float:
+        if comp not in runs:
+            up = [(c, f) for c, f in callers.get(comp, []) if c not in seen]
+            runs[comp] = (sum(runs_of(c, seen | {comp}) * f for c, f in up)
+                          if comp in callers else 1.0)
+        return runs[comp]
+
+    return [dataclasses.replace(c, trips=round(runs_of(instrs[c.name].computation)))
+            if c.name in instrs else c for c in collectives]
+
+
 def _standin_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, implementation):
     """Same shapes, shardings and saved residuals as a flash kernel, no [T, S] scores.
 
@@ -311,16 +435,18 @@ def _standin_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, implementation):
 def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
              limit_bytes: float) -> Estimate:
     """Compile one candidate abstractly and estimate its memory and step time."""
-    from jaxscale.analysis.inspection import compile_run
+    from jaxscale.analysis.inspection import pipeline_report
     from jaxscale.core.mesh import make_mesh
     from jaxscale.models import adapt
     from jaxscale.models.decoder import Decoder
     from jaxscale.run.build import build
 
     # Axes and settings a candidate does not name are reset, not inherited from `cfg`.
-    unset = [f"mesh.{a}=1" for a in ("expert", "sequence") if a not in cand.axes]
+    unset = [f"mesh.{a}=1" for a in ("expert", "sequence", "stage") if a not in cand.axes]
     if cand.context_parallel == "none" and hasattr(cfg.model, "context_parallel"):
         unset.append("model.context_parallel=none")
+    if cand.stage_schedule:
+        unset.append("pipeline.virtual_stages=1")  # 1f1b runs one chunk per stage
     try:
         c_cfg = config_lib.load_tree(config_lib.to_dict(cfg), unset + cand.overrides)
     except ConfigError as e:
@@ -341,18 +467,29 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
     state = sum(r.bytes_per_device for r in rows)
     grads = sum(r.bytes_per_device for r in rows if r.path.startswith("params/"))
     est = Estimate(cand, "", state_bytes=state)
+    report = pipeline_report(run)
+    if report is not None:
+        est.bubble, est.stage_bytes = report.bubble_fraction, report.stage_bytes
     if state + grads > limit_bytes:  # the state and one gradient per parameter, at the least
         est.status = (f"does not fit (state {format_bytes(state)} + gradients "
                       f"{format_bytes(grads)} per device)")
         return est
     with experts.footprint_standin():  # the grouped-matmul kernels of GPUs and TPUs
-        compiled = compile_run(run)
+        compiled = _compile(run)
     stats = metrics.compiled_stats(compiled.compiled)
     est.temp_bytes, est.peak_bytes, est.compile_s = stats.temp_bytes, stats.peak_bytes, \
         compiled.compile_s
     est.status = "fits" if stats.peak_bytes <= limit_bytes else "does not fit"
     est.compute_s, est.model_s = compute_seconds(c_cfg, cand.remat, num_devices, target)
-    collectives = hlo.collectives(compiled.compiled.as_text(), num_devices)
+    text = compiled.compiled.as_text()
+    collectives = hlo.collectives(text, num_devices)
+    if run.pipeline is not None:
+        # The stage-to-stage sends are the tick loop's collective-permutes, already among these
+        # collectives (trips = ticks; their bytes x trips = report.stage_bytes): they are priced
+        # like every collective-permute (bytes / bandwidth of the link between neighbour stages)
+        # and not added again. What is recounted is the layers' collectives (fsdp's gathers),
+        # which run inside the tick loop's forward and backward branches.
+        collectives = pipeline_trips(text, collectives, run.pipeline.table())
     est.comm_s, est.collective_bytes = comm_seconds(collectives, target)
     return est
 
@@ -406,9 +543,10 @@ def format_row(e: Estimate) -> str:
     head = f"{c.strategy:<8} {c.label:<22} {c.remat:<8}"
     if not e.compute_s:
         return f"{head} {e.status}"
-    return (f"{head} {'fits' if e.fits else 'NO FIT':<6} {fb(e.state_bytes):>11} "
-            f"{fb(e.temp_bytes):>11} {fb(e.peak_bytes):>11} {_ms(e.compute_s):>9} "
-            f"{_ms(e.comm_s):>9} {_ms(e.step_s):>9} {100 * e.mfu_bound:>5.1f}%")
+    row = (f"{head} {'fits' if e.fits else 'NO FIT':<6} {fb(e.state_bytes):>11} "
+           f"{fb(e.temp_bytes):>11} {fb(e.peak_bytes):>11} {_ms(e.compute_s):>9} "
+           f"{_ms(e.comm_s):>9} {_ms(e.step_s):>9} {100 * e.mfu_bound:>5.1f}%")
+    return row + (f"  bubble {100 * e.bubble:.1f}%" if e.bubble else "")
 
 
 def _ms(seconds: float) -> str:
@@ -442,6 +580,8 @@ def format_plan(p: Plan) -> str:
             f"recommendation: {c.strategy} {c.label}, remat={c.remat}: about "
             f"{_ms(best.step_s)} ms per step ({tokens / best.step_s:,.0f} tokens/s at "
             f"{100 * best.mfu_bound:.0f}% MFU if compute ran at peak; real steps reach ~40-55% "
-            f"of it), {format_bytes(best.peak_bytes)} per device\n  jaxscale train "
+            f"of it), {format_bytes(best.peak_bytes)} per device"
+            + (f", {100 * best.bubble:.1f}% pipeline bubble" if best.bubble else "")
+            + "\n  jaxscale train "
             f"--config ... {' '.join(c.overrides)}")
     return "\n".join(lines)
