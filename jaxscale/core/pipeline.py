@@ -519,8 +519,13 @@ def run(
         loss = jax.lax.psum(reduce(state["loss"]), stage_axis)
         aux = jax.tree.map(lambda a: jax.lax.psum(reduce(a), stage_axis), state["aux"])
         d_params = jax.tree.map(lambda g: reduce(g)[None], state["d_params"])
-        d_head = jax.tree.map(lambda g: jax.lax.psum(reduce(g), stage_axis), state["d_head"])
-        d_inputs = jax.lax.psum(state["d_inputs"], stage_axis)
+        # Summed over the stages in float32: the CPU compiler aborts on a half-precision
+        # all-reduce here (its all-reduce promotion pass), and only one stage adds non-zeros.
+        def over_stages(g):
+            return jax.lax.psum(g.astype(jnp.float32), stage_axis).astype(g.dtype)
+
+        d_head = jax.tree.map(lambda g: over_stages(reduce(g)), state["d_head"])
+        d_inputs = over_stages(state["d_inputs"])  # split over the batch like the inputs
         return loss, aux, d_params, d_head, d_inputs
 
     stage_spec = jax.tree.map(lambda _: PartitionSpec(stage_axis), stage_params)
