@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from collections.abc import Sequence
 
 import jax
@@ -333,26 +332,6 @@ def comm_seconds(collectives: Sequence[hlo.Collective], target: Target) -> tuple
     return total, by_kind
 
 
-# Compiler options of a pipelined step. The 1f1b loop sums the first stage's input gradients over
-# the stage axis in the activations' dtype; the CPU compiler promotes a bfloat16 all-reduce to
-# float32 (a pass GPU and TPU compilers do not run, they reduce bfloat16 natively) and aborts the
-# process on that one, whose reducer carries a sharding constraint. Without the pass the
-# all-reduce stays bfloat16, as on the targets.
-PIPELINE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "all-reduce-promotion"}
-
-
-def _compile(run):
-    """`inspection.compile_run`, with `PIPELINE_COMPILER_OPTIONS` for a pipelined step."""
-    from jaxscale.analysis.inspection import Compiled, capture_stderr, compile_run
-
-    if run.pipeline is None:
-        return compile_run(run)
-    start = time.perf_counter()
-    with capture_stderr() as log:
-        compiled = run.lower().compile(compiler_options=PIPELINE_COMPILER_OPTIONS)
-    return Compiled(run, compiled, time.perf_counter() - start, log[0] if log else "")
-
-
 _CALLED = re.compile(r"\b(body|to_apply|calls|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
@@ -435,7 +414,7 @@ def _standin_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, implementation):
 def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
              limit_bytes: float) -> Estimate:
     """Compile one candidate abstractly and estimate its memory and step time."""
-    from jaxscale.analysis.inspection import pipeline_report
+    from jaxscale.analysis.inspection import compile_run, pipeline_report
     from jaxscale.core.mesh import make_mesh
     from jaxscale.models import adapt
     from jaxscale.models.decoder import Decoder
@@ -475,7 +454,7 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
                       f"{format_bytes(grads)} per device)")
         return est
     with experts.footprint_standin():  # the grouped-matmul kernels of GPUs and TPUs
-        compiled = _compile(run)
+        compiled = compile_run(run)
     stats = metrics.compiled_stats(compiled.compiled)
     est.temp_bytes, est.peak_bytes, est.compile_s = stats.temp_bytes, stats.peak_bytes, \
         compiled.compile_s
