@@ -48,6 +48,7 @@ AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
 ContextParallel = Literal["none", "ring", "allgather"]
 MoeDispatch = Literal["dropless", "capacity"]
 RouterScore = Literal["softmax", "sigmoid"]
+RopeScaling = Literal["none", "linear", "llama3"]
 REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
 DTYPES: tuple[str, ...] = get_args(DType)
 NORMS: tuple[str, ...] = get_args(Norm)
@@ -57,6 +58,7 @@ ATTENTIONS: tuple[str, ...] = get_args(AttentionImpl)
 CONTEXT_PARALLEL: tuple[str, ...] = get_args(ContextParallel)
 MOE_DISPATCHES: tuple[str, ...] = get_args(MoeDispatch)
 ROUTER_SCORES: tuple[str, ...] = get_args(RouterScore)
+ROPE_SCALINGS: tuple[str, ...] = get_args(RopeScaling)
 PipelineSchedule = Literal["gpipe", "circular", "1f1b"]
 PIPELINE_SCHEDULES: tuple[str, ...] = get_args(PipelineSchedule)
 
@@ -109,8 +111,16 @@ class ModelConfig:
     mlp: Mlp = "swiglu"  # swiglu (gated SiLU) | gelu
     position: Position = "rope"  # rope (rotary) | learned (absolute table)
     tie_embeddings: bool = False  # output projection shares the token embedding
-    use_bias: bool = False  # biases in dense layers and norms
+    use_bias: bool = False  # biases in every dense layer (attention and MLP)
+    qkv_bias: bool = False  # biases in the query/key/value projections only (Qwen2)
     rope_theta: float = 10000.0  # rotary base frequency
+    # Rotary frequencies for contexts longer than the pretraining one: none | linear (positions
+    # divided by rope_factor) | llama3 (Llama 3.1's per-frequency blend of the two)
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0  # linear, llama3: how much longer the context is
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original/this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original/this are kept
+    rope_original_max_len: int = 8192  # llama3: the pretraining context length
     norm_eps: float = 1e-5  # epsilon inside the norms
     dropout: float = 0.0  # dropout rate on attention and MLP outputs (training only)
     dtype: DType = "float32"  # compute dtype of activations and matmuls

@@ -106,6 +106,15 @@ def _validate_model(m: ModelConfig) -> None:
         )
     if m.position == "rope" and m.head_size % 2:
         raise ConfigError("model.position='rope' needs an even head dimension")
+    if m.rope_scaling != "none":
+        _positive("model.rope_factor", m.rope_factor)
+    if m.rope_scaling == "llama3":
+        _positive("model.rope_original_max_len", m.rope_original_max_len)
+        _positive("model.rope_low_freq_factor", m.rope_low_freq_factor)
+        if m.rope_high_freq_factor <= m.rope_low_freq_factor:
+            raise ConfigError(
+                f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be above "
+                f"model.rope_low_freq_factor={m.rope_low_freq_factor} (rope_scaling=llama3)")
     _validate_moe(m)
 
 

@@ -34,12 +34,12 @@ def _init(std: float, axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
-def _dense(cfg: ModelConfig, features, axes, *, name, axis=-1, std=None):
+def _dense(cfg: ModelConfig, features, axes, *, name, axis=-1, std=None, bias=None):
     num_in = 1 if isinstance(axis, int) else len(axis)
     return nn.DenseGeneral(
         features=features,
         axis=axis,
-        use_bias=cfg.use_bias,
+        use_bias=cfg.use_bias if bias is None else bias,
         dtype=dtype(cfg.dtype),
         param_dtype=dtype(cfg.param_dtype),
         kernel_init=_init(cfg.init_std if std is None else std, axes),
@@ -60,10 +60,32 @@ def _norm(cfg: ModelConfig, name: str) -> nn.Module:
     )
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """The rotary inverse frequencies theta^(-2i/H), i < H/2, after `model.rope_scaling`.
+
+    linear divides every frequency by rope_factor (positions stretched); llama3 divides only
+    the low frequencies (wavelength above rope_original_max_len / rope_low_freq_factor), keeps
+    the high ones (below rope_original_max_len / rope_high_freq_factor) and blends between.
+    """
+    half = cfg.head_size // 2
+    inv_freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        wavelength = 2 * math.pi / inv_freq
+        low = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+        high = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+        smooth = (cfg.rope_original_max_len / wavelength - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+        scaled = jnp.where(wavelength > low, inv_freq / cfg.rope_factor, inv_freq)
+        middle = (wavelength <= low) & (wavelength >= high)
+        return jnp.where(middle, blended, scaled)
+    return inv_freq
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotary position embedding (rotate-half form), computed in float32."""
-    half = x_BTNH.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
     sin = jnp.sin(angle_BTh)[:, :, None, :]
     cos = jnp.cos(angle_BTh)[:, :, None, :]
@@ -73,16 +95,21 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 
 
 def reference_attention(
-    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array | None
+    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array | None,
+    *, causal: bool = True,
 ) -> jax.Array:
-    """Causal attention written out (float32 softmax); the yardstick for the fused paths."""
+    """Attention written out (float32 softmax); the yardstick for the fused paths. Causal by
+    slot unless `causal=False` (then `mask_BTS` alone says which keys a query sees)."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
     scores_BKGTS = scores_BKGTS / math.sqrt(H)
-    causal_TS = jnp.tril(jnp.ones((T, k_BSKH.shape[1]), dtype=bool))
-    allowed = causal_TS[None] if mask_BTS is None else causal_TS[None] & mask_BTS
+    allowed = jnp.ones((1, T, k_BSKH.shape[1]), dtype=bool)
+    if causal:
+        allowed = jnp.tril(allowed)
+    if mask_BTS is not None:
+        allowed = allowed & mask_BTS
     scores_BKGTS = jnp.where(allowed[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
@@ -142,8 +169,9 @@ def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_B
     k_BSKH = constrain(k_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
     v_BSKH = constrain(v_BSKH, ("batch", "length", "act_kv_heads", "act_head_dim"))
     if cfg.position == "rope":
-        q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
-        k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_theta)
+        inv_freq = rope_frequencies(cfg)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+        k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
     if attention_fn is None and cfg.context_parallel != "none":
         balanced = cfg.context_parallel == "ring" and cfg.context_load_balance
 
@@ -155,26 +183,80 @@ def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_B
     return checkpoint_name(out_BTNH, remat.ATTN_OUT)
 
 
+# Logical names of the key/value cache (`Attention` with decode=True): batch over the batch
+# axes, kv heads over tensor; the cache length is never split.
+CACHE_KV_NAMES = ("batch", None, "act_kv_heads", "act_head_dim")
+CACHE_SLOT_NAMES = ("batch", None)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     deterministic: bool
     attention_fn: Callable | None = None  # replaces `attention` (e.g. a planning stand-in)
+    decode: bool = False  # attend over a key/value cache (the "cache" collection)
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         cfg = self.cfg
         N = cfg.num_heads
         K, H = cfg.kv_heads, cfg.head_size
-        q_BTNH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), name="query")(x_BTD)
-        k_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="key")(x_BTD)
-        v_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="value")(x_BTD)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        q_BTNH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), name="query",
+                        bias=qkv_bias)(x_BTD)
+        k_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="key",
+                        bias=qkv_bias)(x_BTD)
+        v_BSKH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), name="value",
+                        bias=qkv_bias)(x_BTD)
+        attention_fn = self.attention_fn
+        if self.decode:
+            attention_fn = self._cached_attention(positions_BT, segment_ids_BT)
         out_BTNH = attend(cfg, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT,
-                          self.attention_fn)
+                          attention_fn)
         out_BTD = _dense(
             cfg, cfg.d_model, ("heads", "head_dim", "embed"), axis=(-2, -1), name="out",
             std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
         )(out_BTNH)
         return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(out_BTD)
+
+    def _cached_attention(self, positions_BT, segment_ids_BT) -> Callable:
+        """An attention function that appends this call's (rotated) keys and values to the
+        cache and attends over all of it.
+
+        The cache holds, per slot, the key, the value, the token's position and its segment id
+        (0 = empty or padding): a query sees the keys of its own segment at positions up to its
+        own, so left-padded prompts of different lengths share the slots. Its length is the
+        token length of the `init` call; `index` is the next free slot.
+        """
+
+        def cached(q_BTNH, k_BTKH, v_BTKH, _segment_ids, _implementation):
+            B, T, K, H = k_BTKH.shape
+            segments_BT = (jnp.ones((B, T), jnp.int32) if segment_ids_BT is None
+                           else segment_ids_BT.astype(jnp.int32))
+            slots = lambda names: nn.with_logical_partitioning(jnp.zeros, names)
+            key = self.variable("cache", "cached_key", slots(CACHE_KV_NAMES), k_BTKH.shape,
+                                k_BTKH.dtype)
+            value = self.variable("cache", "cached_value", slots(CACHE_KV_NAMES), v_BTKH.shape,
+                                  v_BTKH.dtype)
+            position = self.variable("cache", "positions", slots(CACHE_SLOT_NAMES), (B, T),
+                                     jnp.int32)
+            segment = self.variable("cache", "segments", slots(CACHE_SLOT_NAMES), (B, T),
+                                    jnp.int32)
+            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            i = index.value
+            key.value = jax.lax.dynamic_update_slice(key.value, k_BTKH, (0, i, 0, 0))
+            value.value = jax.lax.dynamic_update_slice(value.value, v_BTKH, (0, i, 0, 0))
+            position.value = jax.lax.dynamic_update_slice(
+                position.value, positions_BT.astype(jnp.int32), (0, i))
+            segment.value = jax.lax.dynamic_update_slice(segment.value, segments_BT, (0, i))
+            index.value = i + T
+            k_seg_B1S, k_pos_B1S = segment.value[:, None, :], position.value[:, None, :]
+            mask_BTS = ((k_seg_B1S == segments_BT[:, :, None]) & (k_seg_B1S != 0)
+                        & (k_pos_B1S <= positions_BT[:, :, None]))
+            k_BSKH = constrain(key.value, CACHE_KV_NAMES)
+            v_BSKH = constrain(value.value, CACHE_KV_NAMES)
+            return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, causal=False)
+
+        return cached
 
 
 class Mlp(nn.Module):
@@ -211,13 +293,15 @@ class Block(nn.Module):
     deterministic: bool
     attention_fn: Callable | None = None
     moe: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         cfg = self.cfg
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
         h_BTD = _norm(cfg, "attn_norm")(x_BTD)
-        x_BTD = x_BTD + Attention(cfg, self.deterministic, self.attention_fn, name="attn")(
+        x_BTD = x_BTD + Attention(cfg, self.deterministic, self.attention_fn, self.decode,
+                                  name="attn")(
             h_BTD, positions_BT, segment_ids_BT
         )
         h_BTD = _norm(cfg, "mlp_norm")(x_BTD)
@@ -237,6 +321,7 @@ class BlockGroup(nn.Module):
     cfg: ModelConfig
     deterministic: bool
     attention_fn: Callable | None = None
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -244,7 +329,7 @@ class BlockGroup(nn.Module):
         stats = None
         for i in range(n):
             x_BTD, stats = Block(self.cfg, self.deterministic, self.attention_fn,
-                                 moe=i == n - 1, name=f"block_{i}")(
+                                 moe=i == n - 1, decode=self.decode, name=f"block_{i}")(
                 x_BTD, positions_BT, segment_ids_BT)
         return x_BTD, stats
 
@@ -276,15 +361,15 @@ def _rematted(cfg: ModelConfig, cls):
 
 
 def _stack(cfg: ModelConfig, deterministic: bool, attention_fn: Callable | None, length: int,
-           x_BTD, positions_BT, segment_ids_BT):
+           x_BTD, positions_BT, segment_ids_BT, decode: bool = False):
     """`length` scanned units ("layers", leading dimension named "layers"): blocks, or groups of
     dense blocks ending in a MoE block. Returns (x_BTD, the MoE stats or None)."""
     moe = cfg.moe.num_experts > 0
     grouped = moe and cfg.moe.every_n_layers > 1
-    keywords = {} if grouped else {"moe": moe}
+    keywords = {"decode": decode} if grouped else {"moe": moe, "decode": decode}
     stack = nn.scan(
         _rematted(cfg, BlockGroup if grouped else Block),
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
@@ -323,12 +408,16 @@ class Decoder(nn.Module):
     deterministic=True, rngs={"dropout": key})``
 
     `pipeline_stages()` splits it for pipeline parallelism into the embedding, runs of the
-    scanned layers and the head, over the same parameter tree.
+    scanned layers and the head, over the same parameter tree. With ``decode=True`` every
+    attention layer keeps a key/value cache in the "cache" collection (`jaxscale.generate`):
+    ``init`` with tokens as long as the cache, then ``apply(..., mutable=["cache"])`` on the
+    prompt and on each new token.
     """
 
     cfg: ModelConfig
     # replaces the attention function (same signature as `attention`); plan passes a stand-in
     attention_fn: Callable | None = None
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, deterministic=True):
@@ -339,14 +428,14 @@ class Decoder(nn.Module):
         if cfg.scan_layers:
             units = cfg.num_layers // (cfg.moe.every_n_layers if moe else 1)
             x_BTD, stats = _stack(cfg, deterministic, self.attention_fn, units, x_BTD,
-                                  positions_BT, segment_ids_BT)
+                                  positions_BT, segment_ids_BT, self.decode)
         else:
             per_layer = []
             layer = _rematted(cfg, Block)
             for i in range(cfg.num_layers):
                 is_moe = moe and (i + 1) % cfg.moe.every_n_layers == 0
                 x_BTD, layer_stats = layer(cfg, deterministic, self.attention_fn, moe=is_moe,
-                                           name=f"layers_{i}")(
+                                           decode=self.decode, name=f"layers_{i}")(
                     x_BTD, positions_BT, segment_ids_BT
                 )
                 if layer_stats is not None:

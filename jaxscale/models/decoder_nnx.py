@@ -50,11 +50,12 @@ class Dense(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-                 names: Names, *, rngs: nnx.Rngs, lead: Names = (), std: float | None = None):
+                 names: Names, *, rngs: nnx.Rngs, lead: Names = (), std: float | None = None,
+                 bias: bool | None = None):
         param_dtype = dtype(cfg.param_dtype)
         init = _init(cfg.init_std if std is None else std, lead + names)
         self.kernel = nnx.Param(init(rngs.params(), in_shape + out_shape, param_dtype))
-        if cfg.use_bias:
+        if cfg.use_bias if bias is None else bias:
             bias_init = nnx.with_partitioning(nnx.initializers.zeros,
                                               lead + names[len(in_shape):])
             self.bias = nnx.Param(bias_init(rngs.params(), out_shape, param_dtype))
@@ -92,10 +93,10 @@ class Attention(nnx.Module):
         N, K, H, D = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.d_model
         self.cfg = cfg
         self.attention_fn = attention_fn
-        self.query = Dense(cfg, (D,), (N, H), ("embed", "heads", "head_dim"), rngs=rngs, lead=lead)
-        self.key = Dense(cfg, (D,), (K, H), ("embed", "kv_heads", "head_dim"), rngs=rngs, lead=lead)
-        self.value = Dense(cfg, (D,), (K, H), ("embed", "kv_heads", "head_dim"), rngs=rngs,
-                           lead=lead)
+        qkv = dict(rngs=rngs, lead=lead, bias=cfg.use_bias or cfg.qkv_bias)
+        self.query = Dense(cfg, (D,), (N, H), ("embed", "heads", "head_dim"), **qkv)
+        self.key = Dense(cfg, (D,), (K, H), ("embed", "kv_heads", "head_dim"), **qkv)
+        self.value = Dense(cfg, (D,), (K, H), ("embed", "kv_heads", "head_dim"), **qkv)
         self.out = Dense(cfg, (N, H), (D,), ("heads", "head_dim", "embed"), rngs=rngs, lead=lead,
                          std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
