@@ -308,6 +308,18 @@ class ProfileConfig:
     steps: tuple[int, ...] = ()  # [start, stop): capture a jax.profiler trace of these steps
 
 
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling from the model (`jaxscale generate`, `jaxscale ttc`; `jaxscale.generate`)."""
+
+    max_new_tokens: int = 64  # tokens generated per prompt at most
+    temperature: float = 0.0  # softmax temperature of the sampler; 0 = greedy (argmax)
+    top_k: int = 0  # sample among the k most likely tokens; 0 = all
+    top_p: float = 1.0  # sample among the most likely tokens holding this much mass; 1 = all
+    seed: int = 0  # seeds the sampler (the same seed gives the same tokens on any mesh)
+    eos_ids: tuple[int, ...] = ()  # a prompt's generation stops after any of these tokens
+
+
 # on_nonfinite choices: what the step does with a non-finite loss or gradient.
 NonfinitePolicy = Literal["abort", "skip"]
 NONFINITE_POLICIES: tuple[str, ...] = get_args(NonfinitePolicy)
@@ -338,6 +350,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
 

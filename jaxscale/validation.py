@@ -118,6 +118,16 @@ def _validate_model(m: ModelConfig) -> None:
     _validate_moe(m)
 
 
+def _validate_generate(g: Any) -> None:
+    _positive("generate.max_new_tokens", g.max_new_tokens)
+    _non_negative("generate.temperature", g.temperature)
+    _non_negative("generate.top_k", g.top_k)
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1]")
+    for eos in g.eos_ids:
+        _non_negative("generate.eos_ids", eos)
+
+
 def _validate_moe(m: ModelConfig) -> None:
     moe = m.moe
     _non_negative("model.moe.num_experts", moe.num_experts)
@@ -376,6 +386,7 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg.data)
     _validate_checkpoint(cfg.checkpoint)
     _validate_watchdog(cfg.watchdog)
+    _validate_generate(cfg.generate)
     if decoder and cfg.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"seq_len={cfg.seq_len} is above model.max_seq_len={cfg.model.max_seq_len}; lower "

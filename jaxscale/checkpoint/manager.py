@@ -153,7 +153,8 @@ class Checkpointer:
             )
         data_state = None
         if not steps:
-            params = load_params(c.init_from, abstract, shardings) if c.init_from else None
+            params = (load_params(c.init_from, abstract.params, shardings.params)
+                      if c.init_from else None)
             state = init()
             if params is not None:
                 state = state.replace(params=params)
@@ -298,17 +299,20 @@ def _read(manager: ocp.CheckpointManager, step: int, steps, items: dict[str, Any
         raise corrupt_error(manager.directory, step, steps, ",".join(items), e) from e
 
 
-def load_params(path: str, abstract: TrainState, shardings: Any) -> Any:
+def load_params(path: str, abstract_params: Any, shardings: Any, *,
+                what: str = "checkpoint.init_from") -> Any:
     """The parameters of another run's checkpoint, placed with the current `shardings`.
 
     Args:
       path: a checkpoint directory (its latest step is used) or one step directory in it.
-      abstract: the current state's shapes; the saved parameters must have exactly these.
-      shardings: the current state's shardings.
+      abstract_params: the current parameters' shapes (boxed or not); the saved parameters
+        must have exactly these.
+      shardings: the current parameters' shardings.
+      what: how errors name the path's setting.
     """
     root = epath.Path(path)
     if not root.exists():
-        raise CheckpointError(f"checkpoint.init_from={path!r}: no such directory")
+        raise CheckpointError(f"{what}={path!r}: no such directory")
     step = None
     if (root / "state").exists() and root.name.isdigit():
         root, step = root.parent, int(root.name)
@@ -318,19 +322,18 @@ def load_params(path: str, abstract: TrainState, shardings: Any) -> Any:
         if step is None:
             if not steps:
                 raise CheckpointError(
-                    f"checkpoint.init_from={path!r} holds no complete checkpoint (expected step "
+                    f"{what}={path!r} holds no complete checkpoint (expected step "
                     "directories such as 1000/ with state/ inside)"
                 )
             step = steps[-1]
-        where = f"checkpoint.init_from={path!r} (step {step})"
+        where = f"{what}={path!r} (step {step})"
         saved = _read_metadata(manager, step, steps)
-        params = unbox(abstract).params
+        params = unbox(abstract_params)
         expected = {"params/" + k: v for k, v in _shapes(params).items()}
         check_tree({k: v for k, v in _shapes(saved).items() if k.startswith("params/")},
                    expected, where)
         target = {"params": jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
-            shardings.params,
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings,
         )}
         restore = ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
