@@ -6,6 +6,9 @@
     jaxscale config show --config NAME_OR_PATH [key=value ...]
     jaxscale inspect --config NAME_OR_PATH [--cpu-devices N] [key=value ...]
     jaxscale plan --config NAME_OR_PATH --devices N [--target h100] [--device-memory 80GB] ...
+    jaxscale generate --checkpoint RUN|CKPT|hf:DIR (--prompt TEXT | --prompts FILE.jsonl)
+        [--output FILE.jsonl] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+        [--seed S] [--cpu-devices N] [key=value ...]
     jaxscale plot WORKDIR
 
 Flags and ``key=value`` overrides mix in any order after the subcommand
@@ -156,6 +159,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.prompts is None):
+        raise ConfigError("give exactly one of --prompt TEXT and --prompts FILE.jsonl")
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    overrides = list(args.overrides) + [f"generate.{key}={value}"
+                                        for key, value in sampling.items() if value is not None]
+    if args.config is not None:
+        config_lib.load(args.config, overrides)  # a bad setting fails before jax starts
+    set_cpu_devices(args.cpu_devices)
+    _start_processes(args)
+    from jaxscale.generate import Generator, read_prompts, write_outputs
+
+    gen = Generator.load(args.checkpoint, args.config, overrides, batch_size=args.batch_size)
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts, gen.tokenizer)
+    elif gen.tokenizer is None:
+        raise ConfigError("--prompt TEXT needs a tokenizer (the model has none): use --prompts "
+                          'FILE.jsonl with "ids" rows')
+    else:
+        prompts = [gen.tokenizer.encode(args.prompt)]
+    out = gen.generate(prompts)
+    if args.output:
+        write_outputs(args.output, prompts, out, gen.tokenizer)
+    else:
+        for prompt, ids in zip(prompts, out.ids):
+            print(gen.tokenizer.decode(prompt) + gen.tokenizer.decode(ids)
+                  if gen.tokenizer is not None else " ".join(map(str, ids)))
+    print(f"generated {out.new_tokens} tokens for {len(prompts)} prompts "
+          f"({out.prompt_tokens} prompt tokens): prefill {out.prefill_seconds:.3f} s, decode "
+          f"{out.decode_seconds:.3f} s, {out.tokens_per_second:,.0f} tokens/s", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from jaxscale.analysis.plot import plot_run
 
@@ -239,11 +276,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of device memory the step may use (default: 0.9)")
     p.set_defaults(func=cmd_plan, parser=p)
 
+    p = generate = sub.add_parser(
+        "generate", help="sample from a trained or converted model (KV cache, sharded)",
+        epilog="example: jaxscale generate --checkpoint runs/tiny --prompt 'def ' "
+               "--max-new-tokens 64 --temperature 0.8\ndocs/generate.md lists every setting",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run's workdir, a checkpoint directory, or hf:HF_DIR")
+    p.add_argument("--config", default=None, help="preset or YAML file (default: the "
+                   "config.yaml beside the checkpoint, or the Hugging Face config.json)")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="one text prompt")
+    p.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                   help='prompt rows: {"text": ...} or {"ids": [...]}')
+    p.add_argument("--output", default=None, metavar="FILE.jsonl", help="write one row per "
+                   'prompt: "prompt_ids", "ids" (generated) and "text" (default: print)')
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="tokens to generate at most (generate.max_new_tokens)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 = greedy (generate.temperature)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample among the K most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample among the most likely tokens holding mass P; 1 = all")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (generate.seed)")
+    p.add_argument("--batch-size", type=int, default=0, metavar="N",
+                   help="prompts per compiled call (default: all at once)")
+    _add_device_args(p)
+    p.set_defaults(func=cmd_generate, parser=p, overrides=[])
+
     p = sub.add_parser("plot", help="plot a run's loss and throughput to a PNG")
     p.add_argument("workdir")
     p.add_argument("--out", default=None, help="PNG path (default: WORKDIR/loss.png)")
     p.set_defaults(func=cmd_plot, parser=p)
-    for p in (train, show, inspect, plan):
+    for p in (train, show, inspect, plan, generate):
         _show_overrides_in_usage(p)
     return parser
 

@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -328,7 +329,7 @@ def load_params(path: str, abstract_params: Any, shardings: Any, *,
             step = steps[-1]
         where = f"{what}={path!r} (step {step})"
         saved = _read_metadata(manager, step, steps)
-        params = unbox(abstract_params)
+        params = nn.unbox(abstract_params)
         expected = {"params/" + k: v for k, v in _shapes(params).items()}
         check_tree({k: v for k, v in _shapes(saved).items() if k.startswith("params/")},
                    expected, where)
