@@ -184,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.output:
         write_outputs(args.output, prompts, out, gen.tokenizer)
     else:
-        for prompt, ids in zip(prompts, out.ids):
+        for prompt, ids in zip(prompts, out.ids, strict=True):
             print(gen.tokenizer.decode(prompt) + gen.tokenizer.decode(ids)
                   if gen.tokenizer is not None else " ".join(map(str, ids)))
     print(f"generated {out.new_tokens} tokens for {len(prompts)} prompts "

@@ -368,7 +368,7 @@ def write_outputs(path: str, prompts: Sequence[np.ndarray], out: Generation,
     from jaxscale.run.hooks import write_atomic
 
     lines = []
-    for prompt, ids in zip(prompts, out.ids):
+    for prompt, ids in zip(prompts, out.ids, strict=True):
         row = {"prompt_ids": [int(x) for x in prompt], "ids": [int(x) for x in ids]}
         if tokenizer is not None:
             row["text"] = tokenizer.decode(np.asarray(ids))

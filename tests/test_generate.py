@@ -63,7 +63,7 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(layout)
         {"params": params, "cache": cache}, *inputs, mutable=["cache"]))
     pieces = []
     for start, stop in [(0, prefix)] + [(t, t + 1) for t in range(prefix, 20)]:
-        sl = lambda x: jnp.asarray(x[:, start:stop])
+        sl = lambda x, start=start, stop=stop: jnp.asarray(x[:, start:stop])
         logits, variables = step(cache, sl(batch["tokens"]), sl(batch["positions"]),
                                  sl(batch["segments"]))
         cache = variables["cache"]
@@ -87,7 +87,7 @@ def test_greedy_generation_equals_repeated_full_passes(setup, mesh):
     cfg = _config(*mesh)
     gen = _generator(cfg, params, cfg.mesh.fsdp * cfg.mesh.tensor)
     out = gen.generate(PROMPTS, max_new_tokens=12)
-    for prompt, ids, logprobs in zip(PROMPTS, out.ids, out.logprobs):
+    for prompt, ids, logprobs in zip(PROMPTS, out.ids, out.logprobs, strict=True):
         assert ids.tolist() == _greedy_by_full_passes(cfg, params, prompt, 12)
         assert logprobs.shape == (12,) and np.all(logprobs < 0)
     assert out.new_tokens == 36 and out.prompt_tokens == 24
@@ -137,7 +137,7 @@ def test_generation_stops_after_an_end_of_sequence_id(setup):
     out = gen.generate(PROMPTS, max_new_tokens=12, eos_ids=(eos,))
     first = greedy.ids[0].tolist().index(eos)
     assert out.ids[0].tolist() == greedy.ids[0][:first + 1].tolist()
-    for full, stopped in zip(greedy.ids, out.ids):
+    for full, stopped in zip(greedy.ids, out.ids, strict=True):
         cut = full.tolist().index(eos) + 1 if eos in full.tolist() else 12
         assert stopped.tolist() == full[:cut].tolist()
     assert out.new_tokens == sum(len(x) for x in out.ids)
