@@ -113,6 +113,9 @@ class Generator:
         if cfg.model.name != "decoder":
             raise ConfigError(f"generation runs the built-in decoder (model.name='decoder'), "
                               f"not model.name={cfg.model.name!r}")
+        if cfg.mesh.stage * cfg.mesh.dcn_stage > 1:
+            raise ConfigError("generation does not pipeline: sample with mesh.stage=1 (a "
+                              "checkpoint reshards onto any mesh)")
         self.cfg = cfg
         self.mesh = mesh or make_mesh(cfg.mesh)
         self.rules = shd.resolve_rules(cfg.sharding.rules, self.mesh)

@@ -175,6 +175,9 @@ def test_bad_prompts_fail_in_one_line(setup):
         gen.generate([[1, 64]], max_new_tokens=1)
     with pytest.raises(ConfigError, match=r"^generate.top_p=0.0 must be in \(0, 1\]$"):
         gen.generate([[1]], top_p=0.0)
+    with pytest.raises(ConfigError, match=r"^generation does not pipeline: sample with "
+                       r"mesh.stage=1 \(a checkpoint reshards onto any mesh\)$"):
+        Generator(_config("mesh.stage=2", "mesh.fsdp=1", "pipeline.microbatches=2"), params)
 
 
 def test_prompt_files_and_their_errors(tmp_path):

@@ -15,7 +15,10 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
     test_command = next(c for c in commands if "pytest" in c)
     pytest_part = test_command.split("&&")[-1].strip()
-    assert pytest_part in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert pytest_part in ci
+    install = test_command.split("&&")[-2].strip().removeprefix("pip install ")
+    assert f"pip install --quiet {install}" in ci
     train_command = next(c for c in commands if "jaxscale train --config tiny --cpu-devices 8" in c)
     assert train_command.startswith("python3 -m venv .venv")
 
