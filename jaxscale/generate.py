@@ -104,7 +104,8 @@ class Generator:
         settings, `cfg.mesh` and `cfg.sharding` the layout).
       params: the parameters (unboxed arrays, any placement: they are put on their shardings).
       mesh: default `cfg.mesh` over all devices.
-      tokenizer: encodes text prompts and decodes outputs; default `cfg.data.tokenizer`'s.
+      tokenizer: encodes text prompts and decodes outputs; default `cfg.data.tokenizer`'s
+        (none when the model was trained on data.source=synthetic with the byte tokenizer).
       batch_size: rows per call of the compiled programs; 0 = every prompt at once.
     """
 
@@ -127,10 +128,11 @@ class Generator:
         self.abstract_params = nn.unbox(boxed)
         self.param_shardings = shd.state_shardings(boxed, self.mesh, self.rules)
         self.params = None if params is None else jax.device_put(params, self.param_shardings)
-        if tokenizer == "config":
+        if tokenizer == "config":  # none for a model of random tokens (data.source=synthetic)
             from jaxscale.data.tokenizers import load_tokenizer
 
-            tokenizer = load_tokenizer(cfg.data.tokenizer)
+            synthetic = cfg.data.source == "synthetic" and cfg.data.tokenizer == "byte"
+            tokenizer = None if synthetic else load_tokenizer(cfg.data.tokenizer)
         self.tokenizer = tokenizer
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._compiled: dict[tuple, Any] = {}
