@@ -59,6 +59,15 @@ BENCHMARKS = {
     "scan_vs_unrolled": (
         "Scanned vs unrolled layers: compile time and step time", [], ["--quick"],
         "Compile time grows with the number of layers only when they are unrolled."),
+    "generate_decode": (
+        "Generation: prefill and decode throughput", [], ["--quick"],
+        "Greedy decoding with a key/value cache (`jaxscale.generate.Generator`), random "
+        "parameters, float32, compilation excluded. The 8 simulated devices share 2 cores, so "
+        "compare rows within the table, not with an accelerator. Decode is bound by memory and "
+        "latency per step (every step reads all the parameters and the cache for one token per "
+        "row), so more prompts per call raise tokens/s at nearly the same time per step; "
+        "prefill processes all prompt tokens in one pass and runs many times more tokens/s. A "
+        "batch is padded to a multiple of the mesh's batch devices (\"rows run\")."),
 }
 
 

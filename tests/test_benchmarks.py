@@ -106,6 +106,10 @@ TINY = ["model.num_layers=1", "model.d_model=32", "model.d_ff=64", "batch_size=8
     pytest.param("data_throughput", ["--sources", "synthetic", "--batches", "5", "--steps", "2",
                                      "--repeats", "1", *TINY], r"^\| synthetic \| [0-9.]+ \|",
                  id="data_throughput"),
+    pytest.param("generate_decode", ["--quick", "--steps", "2", "--batches", "8",
+                                     "model.num_layers=1"],
+                 r"^\| tiny \| fsdp=8 \| 8 \| 8 \| 128 \| 64 \| [0-9.]+ \| [0-9.]+ \|",
+                 id="generate_decode"),
 ])
 def test_cpu_benchmark_runs_tiny(name, args, expect, tmp_path):
     if name == "checkpoint_overhead":
