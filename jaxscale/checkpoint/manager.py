@@ -18,8 +18,9 @@ onto any mesh and device count. See docs/checkpointing.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -154,7 +155,7 @@ class Checkpointer:
             )
         data_state = None
         if not steps:
-            params = (load_params(c.init_from, abstract.params, shardings.params)
+            params = (_initial_params(self.cfg, abstract.params, shardings.params)
                       if c.init_from else None)
             state = init()
             if params is not None:
@@ -285,6 +286,18 @@ class Checkpointer:
             self._log(f"checkpoint: {e}")
 
 
+def _initial_params(cfg: Config, abstract_params: Any, shardings: Any) -> Any:
+    """checkpoint.init_from's parameters: a jaxscale checkpoint, or ``hf:DIR`` (a Hugging Face
+    checkpoint, read sharded by `jaxscale.convert`, whose config.json must describe cfg.model)."""
+    path = cfg.checkpoint.init_from
+    if path.startswith("hf:"):
+        from jaxscale.convert import load_hf_params  # convert imports this module: on use
+
+        return load_hf_params(path[3:], abstract_params, shardings, model=cfg.model,
+                              what="checkpoint.init_from")
+    return load_params(path, abstract_params, shardings)
+
+
 def _read_metadata(manager: ocp.CheckpointManager, step: int, steps) -> Any:
     """The saved state's tree of array metadata (shapes, dtypes), read before any array."""
     try:
@@ -300,17 +313,10 @@ def _read(manager: ocp.CheckpointManager, step: int, steps, items: dict[str, Any
         raise corrupt_error(manager.directory, step, steps, ",".join(items), e) from e
 
 
-def load_params(path: str, abstract_params: Any, shardings: Any, *,
-                what: str = "checkpoint.init_from") -> Any:
-    """The parameters of another run's checkpoint, placed with the current `shardings`.
-
-    Args:
-      path: a checkpoint directory (its latest step is used) or one step directory in it.
-      abstract_params: the current parameters' shapes (boxed or not); the saved parameters
-        must have exactly these.
-      shardings: the current parameters' shardings.
-      what: how errors name the path's setting.
-    """
+@contextlib.contextmanager
+def _saved_step(path: str, what: str) -> Iterator[tuple[ocp.CheckpointManager, int, list[int]]]:
+    """A read-only manager of the checkpoint directory at (or above) `path`, the step to read
+    (a step directory's own, else the latest) and every complete step."""
     root = epath.Path(path)
     if not root.exists():
         raise CheckpointError(f"{what}={path!r}: no such directory")
@@ -327,6 +333,23 @@ def load_params(path: str, abstract_params: Any, shardings: Any, *,
                     "directories such as 1000/ with state/ inside)"
                 )
             step = steps[-1]
+        yield manager, step, steps
+    finally:
+        manager.close()
+
+
+def load_params(path: str, abstract_params: Any, shardings: Any, *,
+                what: str = "checkpoint.init_from") -> Any:
+    """The parameters of another run's checkpoint, placed with the current `shardings`.
+
+    Args:
+      path: a checkpoint directory (its latest step is used) or one step directory in it.
+      abstract_params: the current parameters' shapes (boxed or not); the saved parameters
+        must have exactly these.
+      shardings: the current parameters' shardings.
+      what: how errors name the path's setting.
+    """
+    with _saved_step(path, what) as (manager, step, steps):
         where = f"{what}={path!r} (step {step})"
         saved = _read_metadata(manager, step, steps)
         params = nn.unbox(abstract_params)
@@ -341,6 +364,34 @@ def load_params(path: str, abstract_params: Any, shardings: Any, *,
             partial_restore=True,
         )
         restored = _read(manager, step, steps, {"state": restore})["state"]
+    return restored["params"]
+
+
+def read_meta(path: str, *, what: str = "checkpoint") -> tuple[int, dict[str, Any]]:
+    """(step, meta item) of a checkpoint directory's latest step, or of one step directory:
+    the meta item holds at least the step and the resolved config (``meta["config"]``)."""
+    with _saved_step(path, what) as (manager, step, steps):
+        meta = _read(manager, step, steps, {"meta": ocp.args.JsonRestore()})["meta"]
+    return step, dict(meta)
+
+
+def save_params(directory: str, params: Any, meta: Mapping[str, Any], *, step: int = 0) -> None:
+    """Write `params` as step `step` of checkpoint `directory`: a "state" item holding
+    ``{"params": params}`` and a "meta" item, which `load_params` (checkpoint.init_from) reads.
+
+    orbax writes the step into a temporary directory and renames it when complete.
+
+    Raises:
+      CheckpointError: `directory` already holds that step (nothing is overwritten).
+    """
+    manager = _manager(directory, dict(create=True, enable_async_checkpointing=False))
+    try:
+        if step in manager.all_steps():
+            raise CheckpointError(f"{directory} already holds checkpoint step {step}; write to "
+                                  "a new directory")
+        args = ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                  meta=ocp.args.JsonSave(dict(meta)))
+        manager.save(step, args=args, force=True)
+        manager.wait_until_finished()
     finally:
         manager.close()
-    return restored["params"]
