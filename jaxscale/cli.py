@@ -9,6 +9,13 @@
     jaxscale generate --checkpoint RUN|CKPT|hf:DIR (--prompt TEXT | --prompts FILE.jsonl)
         [--output FILE.jsonl] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
         [--seed S] [--cpu-devices N] [key=value ...]
+    jaxscale ttc --checkpoint RUN (--tasks FILE.jsonl | --make-tasks N) [--max-n 32]
+        [--temperature 0.8] [--seed S] [--scorer logprob|module:function] [--output FILE.json]
+        [--plot FILE.png] [--cpu-devices N] [key=value ...]
+    jaxscale convert hf-to-jaxscale HF_DIR OUT_DIR [--config-out FILE.yaml] [--cpu-devices N]
+        [key=value ...]
+    jaxscale convert jaxscale-to-hf RUN_OR_CKPT_DIR OUT_DIR [--max-shard-bytes B]
+        [--cpu-devices N]
     jaxscale plot WORKDIR
 
 Flags and ``key=value`` overrides mix in any order after the subcommand
@@ -193,6 +200,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ttc(args: argparse.Namespace) -> int:
+    from jaxscale import ttc  # numpy only: the checks below run before jax starts
+
+    if (args.tasks is None) == (args.make_tasks is None):
+        raise ConfigError("give exactly one of --tasks FILE.jsonl and --make-tasks N")
+    ttc.sample_counts(args.max_n)  # --max-n < 1 fails here
+    if args.make_tasks is not None and args.make_tasks < 1:
+        raise ConfigError(f"--make-tasks {args.make_tasks} must be at least 1")
+    tasks = ttc.read_tasks(args.tasks) if args.tasks is not None else None
+    ttc.load_scorer(args.scorer)  # a bad --scorer fails before the model loads
+    overrides = list(args.overrides)
+    if args.config is not None:
+        config_lib.load(args.config, overrides)
+    set_cpu_devices(args.cpu_devices)
+    from jaxscale.generate import Generator
+
+    gen = Generator.load(args.checkpoint, args.config, overrides, batch_size=args.batch_size)
+    if tasks is None:
+        from jaxscale.data.addition import make_tasks
+
+        tasks = [ttc.Task(**row) for row in make_tasks(
+            args.make_tasks, gen.cfg.data.addition_digits, seed=args.task_seed)]
+    report = ttc.accuracy_vs_samples(gen, tasks, args.max_n, args.scorer, args.temperature,
+                                     args.seed)
+    report["checkpoint"] = args.checkpoint
+    print(ttc.format_report(report))
+    if args.output:
+        print(f"wrote {ttc.write_report(args.output, report)}", file=sys.stderr)
+    if args.plot:
+        try:
+            from jaxscale.analysis.plot import plot_ttc
+
+            print(f"wrote {plot_ttc(report, args.plot)}", file=sys.stderr)
+        except ImportError:
+            print(f"jaxscale: note: --plot {args.plot} skipped: matplotlib is not installed "
+                  "(pip install 'jaxscale[plot]')", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_hf_to_jaxscale(args: argparse.Namespace) -> int:
+    from jaxscale.convert.hf_config import config_from_hf  # no jax: a bad setting fails first
+
+    config_from_hf(args.hf_dir, args.overrides)
+    set_cpu_devices(args.cpu_devices)
+    from jaxscale.convert import hf_to_jaxscale
+
+    cfg = hf_to_jaxscale(args.hf_dir, args.out_dir, config_out=args.config_out,
+                         overrides=args.overrides)
+    print(f"converted {args.hf_dir} to {args.out_dir}: config.yaml, checkpoints/0\n"
+          f"fine-tune: jaxscale train --config {args.out_dir}/config.yaml workdir=...\n"
+          f"({cfg.model.num_layers} layers, d_model {cfg.model.d_model}, parameters in "
+          f"{cfg.model.param_dtype})")
+    return EXIT_OK
+
+
+def cmd_jaxscale_to_hf(args: argparse.Namespace) -> int:
+    set_cpu_devices(args.cpu_devices)
+    from jaxscale.convert import jaxscale_to_hf
+
+    written = jaxscale_to_hf(args.src, args.out_dir, max_shard_bytes=args.max_shard_bytes)
+    print(f"wrote {written['architectures'][0]} to {args.out_dir}: config.json, safetensors")
+    return EXIT_OK
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from jaxscale.analysis.plot import plot_run
 
@@ -304,11 +375,80 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(p)
     p.set_defaults(func=cmd_generate, parser=p, overrides=[])
 
+    p = ttc = sub.add_parser(
+        "ttc", help="test-time compute: accuracy of best-of-N and majority vote against N",
+        epilog="example: jaxscale ttc --checkpoint runs/addition --make-tasks 200 --max-n 32 "
+               "--plot ttc.png\ndocs/ttc.md explains the measurement",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run's workdir, a checkpoint directory, or hf:HF_DIR")
+    p.add_argument("--config", default=None, help="preset or YAML file (default: the "
+                   "config.yaml beside the checkpoint, or the Hugging Face config.json)")
+    p.add_argument("--tasks", default=None, metavar="FILE.jsonl",
+                   help='task rows: {"prompt": "123+456=", "answer": "579"}')
+    p.add_argument("--make-tasks", type=int, default=None, metavar="N",
+                   help="N addition problems of the held-out test split (data.addition_digits "
+                        "of the checkpoint's config) instead of --tasks")
+    p.add_argument("--task-seed", type=int, default=0, metavar="S",
+                   help="which problems --make-tasks draws (default: 0)")
+    p.add_argument("--max-n", type=int, default=32, metavar="N",
+                   help="samples per prompt; N = 1, 2, 4, ... up to it are evaluated "
+                        "(default: 32)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature (default: 0.8)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampler seed (default: generate.seed)")
+    p.add_argument("--scorer", default="logprob", metavar="logprob|MODULE:FUNCTION",
+                   help="best-of-N score: the mean log-probability of the generated tokens, or "
+                        "a verifier f(prompt, completion) -> float (default: logprob)")
+    p.add_argument("--output", default=None, metavar="FILE.json",
+                   help="write the table, the settings and every sample's answer as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="plot accuracy against N and tokens (needs matplotlib)")
+    p.add_argument("--batch-size", type=int, default=0, metavar="N",
+                   help="sequences per compiled call (default: all at once)")
+    p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                   help="run on N simulated CPU devices")
+    p.set_defaults(func=cmd_ttc, parser=p, overrides=[])
+
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and jaxscale",
+                       epilog="docs/convert.md lists the architectures and the mapping",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert_sub = p.add_subparsers(dest="convert_command", required=True)
+    p = to_jaxscale = convert_sub.add_parser(
+        "hf-to-jaxscale", help="a Hugging Face model directory -> config.yaml and an orbax "
+                               "checkpoint",
+        epilog="example: jaxscale convert hf-to-jaxscale ~/Llama-3.2-1B llama-1b\n"
+               "then:    jaxscale train --config llama-1b/config.yaml workdir=runs/ft",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("hf_dir", help="config.json and model.safetensors (or an index and shards)")
+    p.add_argument("out_dir", help="gets config.yaml, checkpoints/0/, hf_config.json and "
+                                   "tokenizer.json (if the model has one)")
+    p.add_argument("--config-out", default=None, metavar="FILE.yaml",
+                   help="also write the derived config here")
+    p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                   help="read the weights sharded over N simulated CPU devices")
+    p.set_defaults(func=cmd_hf_to_jaxscale, parser=p, overrides=[])
+    p = convert_sub.add_parser(
+        "jaxscale-to-hf", help="a run, checkpoint or step directory -> config.json and "
+                               "safetensors that transformers loads",
+        epilog="example: jaxscale convert jaxscale-to-hf runs/ft ft-hf",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="a run's workdir, a converted directory, a checkpoint directory "
+                               "(latest step) or a step directory")
+    p.add_argument("out_dir", help="gets config.json, model*.safetensors and tokenizer.json")
+    p.add_argument("--max-shard-bytes", type=int, default=5 * 10**9, metavar="B",
+                   help="split the safetensors into shards of at most B bytes "
+                        "(default: 5000000000)")
+    p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                   help="restore over N simulated CPU devices")
+    p.set_defaults(func=cmd_jaxscale_to_hf, parser=p)
+
     p = sub.add_parser("plot", help="plot a run's loss and throughput to a PNG")
     p.add_argument("workdir")
     p.add_argument("--out", default=None, help="PNG path (default: WORKDIR/loss.png)")
     p.set_defaults(func=cmd_plot, parser=p)
-    for p in (train, show, inspect, plan, generate):
+    for p in (train, show, inspect, plan, generate, ttc, to_jaxscale):
         _show_overrides_in_usage(p)
     return parser
 
