@@ -47,3 +47,13 @@ def test_greedy_generation_equals_transformers(llama, mesh):
     assert gen.tokenizer is None and gen.cfg.generate.eos_ids == ()
     out = gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     np.testing.assert_array_equal(np.stack(out.ids), expected)
+
+
+def test_a_converted_checkpoint_generates_like_the_hf_directory(llama, tmp_path):
+    from jaxscale import convert
+
+    path, expected = llama
+    convert.hf_to_jaxscale(path, tmp_path / "converted")
+    gen = Generator.load(str(tmp_path / "converted"), overrides=["mesh.fsdp=8"])
+    out = gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(np.stack(out.ids), expected)
