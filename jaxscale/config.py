@@ -260,13 +260,14 @@ class PipelineConfig:
 
 
 # data.source choices, keyed like jaxscale.data.SOURCES.
-DataSource = Literal["text", "shards", "hf", "synthetic"]
+DataSource = Literal["text", "shards", "hf", "synthetic", "addition"]
 DATA_SOURCES: tuple[str, ...] = get_args(DataSource)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # text | shards (`jaxscale prepare` output) | hf (datasets) | synthetic
+    # text | shards (`jaxscale prepare` output) | hf (datasets) | synthetic | addition
+    # ("a+b=c" documents, jaxscale.data.addition)
     source: DataSource = "text"
     # text: a directory, file or glob of text / .jsonl files ("" = the Python standard library's
     # sources); shards: a prepared directory; hf: a local data file/directory or a dataset name
@@ -280,6 +281,7 @@ class DataConfig:
     num_threads: int = 2  # background threads reading records
     prefetch: int = 4  # batches prepared ahead of the step
     log_rows: bool = False  # append each step's rows and row hashes to <workdir>/data_rows/
+    addition_digits: int = 3  # addition: operands are drawn from [0, 10**addition_digits)
 
 
 @dataclass(frozen=True)

@@ -347,6 +347,8 @@ def _validate_data(d: DataConfig) -> None:
         raise ConfigError(f"data.source={d.source!r} needs data.path: {needs_path[d.source]}")
     if not d.text_field:
         raise ConfigError("data.text_field='' must name the key that holds a document's text")
+    if d.source == "addition" and not 1 <= d.addition_digits <= 9:
+        raise ConfigError(f"data.addition_digits={d.addition_digits} must be in [1, 9]")
 
 
 def _validate_watchdog(w: WatchdogConfig) -> None:
@@ -392,6 +394,12 @@ def validate(cfg: Config) -> None:
             f"seq_len={cfg.seq_len} is above model.max_seq_len={cfg.model.max_seq_len}; lower "
             "seq_len or raise model.max_seq_len"
         )
+    longest_sum = 3 * cfg.data.addition_digits + 4  # "a+b=c\n" with the longest operands and sum
+    if cfg.data.source == "addition" and cfg.seq_len + 1 < longest_sum:
+        raise ConfigError(
+            f"seq_len={cfg.seq_len} is too short for data.addition_digits="
+            f"{cfg.data.addition_digits}: a document takes up to {longest_sum} tokens, so seq_len "
+            f"must be at least {longest_sum - 1}")
     if cfg.batch_size % cfg.optim.grad_accum:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum="

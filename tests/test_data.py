@@ -344,7 +344,7 @@ def test_hf_source_reads_a_local_dataset(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.source=shard"], "data.source='shard' is not valid; choose one of: text, shards, hf, "
-                            "synthetic (did you mean 'shards'?)"),
+                            "synthetic, addition (did you mean 'shards'?)"),
     (["data.source=shards"], "data.source='shards' needs data.path: a directory written by "
                              "`jaxscale prepare`"),
     (["data.source=hf"], "data.source='hf' needs data.path: a local data file or directory, or "

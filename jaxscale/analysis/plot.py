@@ -1,4 +1,5 @@
-"""A PNG of a run: train and eval loss, and tokens/s, against step (matplotlib)."""
+"""PNGs: a run's train and eval loss and tokens/s against step (matplotlib); a test-time
+compute report's accuracy against samples per prompt."""
 
 from __future__ import annotations
 
@@ -45,6 +46,48 @@ def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax_speed.grid(alpha=0.3)
     fig.tight_layout()
     out = pathlib.Path(out) if out else workdir / "loss.png"
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def plot_ttc(report: dict, out: str | os.PathLike, title: str = "") -> pathlib.Path:
+    """Plot a `jaxscale.ttc` report: accuracy against N (best-of-N, majority, oracle, greedy) and
+    against the tokens generated per prompt; returns the path.
+
+    Raises:
+      ImportError: matplotlib is not installed (pip install 'jaxscale[plot]').
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    ns = [r["n"] for r in rows]
+    per_prompt = [r["tokens_per_prompt"] for r in rows]
+    fig, (ax_n, ax_tokens) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, xs in ((ax_n, ns), (ax_tokens, per_prompt)):
+        ax.plot(xs, [r["majority"] for r in rows], "o-", label="majority vote")
+        ax.plot(xs, [r["best_of_n"] for r in rows], "s-", label=f"best-of-N ({report['scorer']})")
+        ax.plot(xs, [r["oracle"] for r in rows], "^--", color="gray", label="oracle (pass@N)")
+        ax.axhline(report["greedy"], color="black", linestyle=":", label="greedy")
+        ax.axhline(report["sample_accuracy"], color="tab:red", linestyle=":",
+                   label="one sample (mean of all)")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    ax_n.set_xticks(ns, [str(n) for n in ns])
+    ax_tokens.set_xticks(per_prompt, [f"{t:.0f}" for t in per_prompt])
+    ax_tokens.minorticks_off()
+    ax_n.set_xlabel("N (samples per prompt)")
+    ax_n.set_ylabel("accuracy")
+    ax_n.legend()
+    ax_tokens.set_xlabel("tokens generated per prompt")
+    fig.suptitle(title or f"{report['prompts']} prompts, temperature {report['temperature']:g}")
+    fig.tight_layout()
+    out = pathlib.Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -32,6 +32,7 @@ _EXPORTS = {
     "PackedWindows": "jaxscale.data.sources",
     "PaddedDocuments": "jaxscale.data.sources",
     "SyntheticTokens": "jaxscale.data.sources",
+    "AdditionWindows": "jaxscale.data.addition",
     "load_text_corpus": "jaxscale.data.sources",
     "load_hf_corpus": "jaxscale.data.sources",
     "open_shards": "jaxscale.data.shards",
@@ -107,12 +108,23 @@ def _synthetic(cfg: Config) -> tuple[Any, Any]:
     )
 
 
+def _addition(cfg: Config) -> tuple[Any, Any]:
+    from jaxscale.data.addition import HELD_OUT, TRAIN, AdditionWindows
+
+    common = dict(seq_len=cfg.seq_len, digits=cfg.data.addition_digits,
+                  val_fraction=cfg.data.val_fraction, tokenizer=_tokenizer(cfg))
+    # The held-out windows do not follow the run's seed, like the held-out batches (EVAL_SEED).
+    return (AdditionWindows(seed=cfg.seed, split=TRAIN, **common),
+            AdditionWindows(seed=EVAL_SEED, split=HELD_OUT, **common))
+
+
 # data.source -> function(cfg) -> (train records, held-out records)
 SOURCES: dict[str, Callable[[Config], tuple[Any, Any]]] = {
     "text": _text,
     "shards": _shards,
     "hf": _hf,
     "synthetic": _synthetic,
+    "addition": _addition,
 }
 
 
