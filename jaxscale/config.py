@@ -148,9 +148,78 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.num_heads
 
 
+# Choices of the ResNet section; jaxscale.models.norms.KINDS and resnet.BLOCKS / STEMS are keyed
+# by the same names.
+NormKind = Literal["batch", "group", "instance", "layer", "rms"]
+ResNetBlock = Literal["auto", "basic", "bottleneck"]
+ResNetStem = Literal["imagenet", "small"]
+NORM_KINDS: tuple[str, ...] = get_args(NormKind)
+RESNET_DEPTHS: dict[int, tuple[int, ...]] = {  # depth -> residual blocks per stage (He et al.)
+    18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3),
+}
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """A ResNet image classifier (`jaxscale.models.resnet`), He et al. 2015 in the v1.5 form
+    (a bottleneck strides in its 3x3 conv). Checked on construction; the error names the key."""
+
+    name: str = "resnet"  # model registry key (jaxscale.models.MODELS)
+    depth: int = 18  # 18 | 34 | 50 | 101 | 152: the published layout (unless `blocks` is set)
+    blocks: tuple[int, ...] = ()  # residual blocks per stage, e.g. [1, 1]; () = depth's layout
+    # basic (two 3x3 convs) | bottleneck (1x1, 3x3, 1x1 with 4x outputs) | auto: bottleneck
+    # from depth 50 on, else basic
+    block: ResNetBlock = "auto"
+    width: int = 64  # channels of the first stage; stage i has width x 2^i (x4 after bottleneck)
+    width_multiplier: float = 1.0  # scales every stage's width (2.0: a wide ResNet)
+    num_classes: int = 1000  # logits of the dense head (set it to task.num_classes)
+    norm: NormKind = "batch"  # batch | group | instance | layer | rms (jaxscale.models.norms)
+    norm_groups: int = 32  # group: channel groups (must divide every stage's width)
+    norm_eps: float = 1e-5  # epsilon inside the norms
+    bn_momentum: float = 0.9  # batch: running <- momentum x running + (1 - momentum) x batch
+    bn_group_size: int = 0  # batch: examples per ghost-BN group (0 = the whole global batch)
+    # imagenet: 7x7 stride-2 conv and 3x3 stride-2 max-pool | small: one 3x3 stride-1 conv
+    # (CIFAR-sized or smaller images, e.g. 8x8 digits)
+    stem: ResNetStem = "imagenet"
+    dtype: DType = "float32"  # compute dtype of convolutions (norm statistics stay float32)
+    param_dtype: DType = "float32"  # storage dtype of parameters
+
+    def __post_init__(self):
+        if not self.blocks and self.depth not in RESNET_DEPTHS:
+            raise ConfigError(f"model.depth={self.depth} has no published layout; choose one of "
+                              f"{', '.join(map(str, RESNET_DEPTHS))} or set model.blocks")
+        if any(n < 1 for n in self.blocks):
+            raise ConfigError(f"model.blocks={list(self.blocks)}: every stage needs >= 1 block")
+        for key in ("width", "num_classes", "norm_groups"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        if self.width_multiplier <= 0 or self.norm_eps <= 0:
+            raise ConfigError(f"model.width_multiplier={self.width_multiplier} and model.norm_eps="
+                              f"{self.norm_eps} must be positive")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ConfigError(f"model.bn_momentum={self.bn_momentum} must be in [0, 1)")
+        if self.bn_group_size < 0:
+            raise ConfigError(f"model.bn_group_size={self.bn_group_size} must be >= 0 "
+                              "(0 = statistics over the global batch)")
+
+    @property
+    def stage_blocks(self) -> tuple[int, ...]:
+        """Residual blocks per stage: `blocks`, or the layout of `depth`."""
+        return tuple(self.blocks) or RESNET_DEPTHS[self.depth]
+
+    @property
+    def block_kind(self) -> str:
+        """basic | bottleneck: `block`, or by depth when it is auto."""
+        if self.block != "auto":
+            return self.block
+        return "bottleneck" if not self.blocks and self.depth >= 50 else "basic"
+
+
 # model.name -> the dataclass of its config section. `jaxscale.models.register` adds to it; a
-# model config needs a `name` field.
-MODEL_CONFIGS: dict[str, type] = {"decoder": ModelConfig, "decoder_nnx": ModelConfig}
+# model config needs a `name` field. Built-in models are listed here so that `config.load` knows
+# their sections before (without) importing jax.
+MODEL_CONFIGS: dict[str, type] = {"decoder": ModelConfig, "decoder_nnx": ModelConfig,
+                                  "resnet": ResNetConfig}
 
 
 def register_model_config(name: str, config_type: type) -> None:
@@ -456,13 +525,28 @@ def load(config: str = "tiny", overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     model_type = ModelConfig
     try:
-        tree = OmegaConf.merge(_read_yaml(config), OmegaConf.from_dotlist(list(overrides)))
+        given = OmegaConf.from_dotlist(list(overrides))
+        tree = OmegaConf.merge(_for_model(_read_yaml(config), given), given)
         model_type = _model_type(tree)
         cfg = OmegaConf.to_object(OmegaConf.merge(_schema(model_type), tree))
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e, model_type) from None
     validate(cfg)
     return cfg
+
+
+def _for_model(tree: Any, overrides: Any) -> Any:
+    """`tree` without its model section when `overrides` name a model of another config type.
+
+    A preset's model section describes the preset's model: ``model.name=resnet`` on the
+    decoder's tiny preset starts the ResNet section from its defaults (plus the overrides).
+    """
+    name = (overrides.get("model") or {}).get("name")
+    if name is None or MODEL_CONFIGS.get(name, ModelConfig) is _model_type(tree):
+        return tree
+    tree = tree.copy()
+    tree.pop("model", None)
+    return tree
 
 
 def _model_type(tree: Any) -> type:

@@ -29,6 +29,7 @@ from jaxscale.config import ConfigError, ModelConfig, register_model_config
 from jaxscale.models.adapter import Applied, ModelAdapter, Stages, call_keywords
 from jaxscale.models.decoder import Decoder
 from jaxscale.models.linen import LinenAdapter
+from jaxscale.models.resnet import ResNet
 from jaxscale.validation import did_you_mean
 
 
@@ -42,6 +43,7 @@ def _decoder_nnx(cfg: ModelConfig):
 MODELS: dict[str, Callable[[Any], Any]] = {
     "decoder": Decoder,
     "decoder_nnx": _decoder_nnx,
+    "resnet": ResNet,  # image classifier; its section is config.ResNetConfig
 }
 
 
@@ -90,5 +92,5 @@ def adapt(model: Any, *, config: Any = None, **kwargs: Any) -> ModelAdapter:
     )
 
 
-__all__ = ["MODELS", "Applied", "Decoder", "LinenAdapter", "ModelAdapter", "Stages", "adapt",
-           "build_model", "call_keywords", "register"]
+__all__ = ["MODELS", "Applied", "Decoder", "LinenAdapter", "ModelAdapter", "ResNet", "Stages",
+           "adapt", "build_model", "call_keywords", "register"]
