@@ -338,27 +338,19 @@ class Generator:
 def read_prompts(path: str, tokenizer: Any) -> list[np.ndarray]:
     """Prompts from a JSON-lines file: each row ``{"text": ...}`` (encoded by `tokenizer`) or
     ``{"ids": [...]}`` (token ids, for models without a tokenizer)."""
-    import json
+    from jaxscale.data.documents import json_rows
 
     prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not a JSON object ({e.msg})") from None
-            if not isinstance(row, dict) or ("text" in row) == ("ids" in row):
-                raise ConfigError(f'{where}: a prompt row holds exactly one of "text" and "ids"')
-            if "ids" in row:
-                prompts.append(np.asarray(row["ids"], np.int32))
-            elif tokenizer is None:
-                raise ConfigError(f'{where}: a "text" prompt needs a tokenizer (the model has '
-                                  'none: give "ids")')
-            else:
-                prompts.append(np.asarray(tokenizer.encode(row["text"]), np.int32))
+    for where, row in json_rows(path):
+        if not isinstance(row, dict) or ("text" in row) == ("ids" in row):
+            raise ConfigError(f'{where}: a prompt row holds exactly one of "text" and "ids"')
+        if "ids" in row:
+            prompts.append(np.asarray(row["ids"], np.int32))
+        elif tokenizer is None:
+            raise ConfigError(f'{where}: a "text" prompt needs a tokenizer (the model has '
+                              'none: give "ids")')
+        else:
+            prompts.append(np.asarray(tokenizer.encode(row["text"]), np.int32))
     if not prompts:
         raise ConfigError(f"{path}: holds no prompts")
     return prompts

@@ -67,15 +67,10 @@ def read_tasks(path: str | pathlib.Path) -> list[Task]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"--tasks {str(path)!r}: no such file")
+    from jaxscale.data.documents import json_rows
+
     tasks = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not a JSON object ({e.msg})") from None
+    for where, row in json_rows(path):
         prompt = row.get("prompt") if isinstance(row, dict) else None
         answer = row.get("answer") if isinstance(row, dict) else None
         if isinstance(answer, int) and not isinstance(answer, bool):

@@ -118,6 +118,20 @@ def is_jsonl(file: pathlib.Path) -> bool:
     return file.suffix.lower() in JSONL_SUFFIXES
 
 
+def json_rows(path: str | pathlib.Path) -> Iterator[tuple[str, object]]:
+    """(``"path:LINE"``, the decoded row) per non-blank line of a JSON-lines file (prompt and
+    task files); a line that is not JSON raises a ConfigError naming it."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not a JSON object ({e.msg})") from None
+
+
 def read_file_documents(
     file: pathlib.Path,
     name: str,
