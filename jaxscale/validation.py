@@ -376,6 +376,11 @@ def validate(cfg: Config) -> None:
     _non_negative("z_loss", cfg.z_loss)
     _check_choices(cfg)
     _validate_task(cfg.task)
+    classes = getattr(cfg.model, "num_classes", None)
+    if cfg.task.name == "classify" and classes is not None and classes != cfg.task.num_classes:
+        raise ConfigError(
+            f"model.num_classes={classes} does not match task.num_classes="
+            f"{cfg.task.num_classes}: the head must have a logit per label")
     decoder = getattr(cfg.model, "decoder_checks", False)
     if decoder:
         _validate_model(cfg.model)

@@ -220,6 +220,10 @@ def test_config_selects_the_resnet_section():
     assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg  # a saved config reloads
     with pytest.raises(config_lib.ConfigError, match="model.bn_group_size=-1"):
         config_lib.load("tiny", [*TINY, "model.bn_group_size=-1"])
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load("tiny", [*TINY, "task.num_classes=10"])
+    assert str(e.value) == ("model.num_classes=4 does not match task.num_classes=10: the head "
+                            "must have a logit per label")
 
 
 @pytest.mark.parametrize("mesh", [["mesh.fsdp=8"], ["mesh.data=4", "mesh.fsdp=2"]],
