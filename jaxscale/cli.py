@@ -104,6 +104,14 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
                    help="this process's index, 0..N-1 (process 0 writes the metrics and logs)")
 
 
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint and --config of the commands that load a trained model (generate, ttc)."""
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run's workdir, a checkpoint directory, or hf:HF_DIR")
+    p.add_argument("--config", default=None, help="preset or YAML file (default: the "
+                   "config.yaml beside the checkpoint, or the Hugging Face config.json)")
+
+
 def _start_processes(args: argparse.Namespace) -> None:
     """Join the multi-process job, if this is one (before any other jax work)."""
     from jaxscale.run import distributed
@@ -352,10 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: jaxscale generate --checkpoint runs/tiny --prompt 'def ' "
                "--max-new-tokens 64 --temperature 0.8\ndocs/generate.md lists every setting",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run's workdir, a checkpoint directory, or hf:HF_DIR")
-    p.add_argument("--config", default=None, help="preset or YAML file (default: the "
-                   "config.yaml beside the checkpoint, or the Hugging Face config.json)")
+    _add_checkpoint_args(p)
     p.add_argument("--prompt", default=None, metavar="TEXT", help="one text prompt")
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl",
                    help='prompt rows: {"text": ...} or {"ids": [...]}')
@@ -380,10 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: jaxscale ttc --checkpoint runs/addition --make-tasks 200 --max-n 32 "
                "--plot ttc.png\ndocs/ttc.md explains the measurement",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run's workdir, a checkpoint directory, or hf:HF_DIR")
-    p.add_argument("--config", default=None, help="preset or YAML file (default: the "
-                   "config.yaml beside the checkpoint, or the Hugging Face config.json)")
+    _add_checkpoint_args(p)
     p.add_argument("--tasks", default=None, metavar="FILE.jsonl",
                    help='task rows: {"prompt": "123+456=", "answer": "579"}')
     p.add_argument("--make-tasks", type=int, default=None, metavar="N",
