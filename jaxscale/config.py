@@ -148,78 +148,18 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.num_heads
 
 
-# Choices of the ResNet section; jaxscale.models.norms.KINDS and resnet.BLOCKS / STEMS are keyed
-# by the same names.
-NormKind = Literal["batch", "group", "instance", "layer", "rms"]
-ResNetBlock = Literal["auto", "basic", "bottleneck"]
-ResNetStem = Literal["imagenet", "small"]
-NORM_KINDS: tuple[str, ...] = get_args(NormKind)
-RESNET_DEPTHS: dict[int, tuple[int, ...]] = {  # depth -> residual blocks per stage (He et al.)
-    18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3),
-}
-
-
-@dataclass(frozen=True)
-class ResNetConfig:
-    """A ResNet image classifier (`jaxscale.models.resnet`), He et al. 2015 in the v1.5 form
-    (a bottleneck strides in its 3x3 conv). Checked on construction; the error names the key."""
-
-    name: str = "resnet"  # model registry key (jaxscale.models.MODELS)
-    depth: int = 18  # 18 | 34 | 50 | 101 | 152: the published layout (unless `blocks` is set)
-    blocks: tuple[int, ...] = ()  # residual blocks per stage, e.g. [1, 1]; () = depth's layout
-    # basic (two 3x3 convs) | bottleneck (1x1, 3x3, 1x1 with 4x outputs) | auto: bottleneck
-    # from depth 50 on, else basic
-    block: ResNetBlock = "auto"
-    width: int = 64  # channels of the first stage; stage i has width x 2^i (x4 after bottleneck)
-    width_multiplier: float = 1.0  # scales every stage's width (2.0: a wide ResNet)
-    num_classes: int = 1000  # logits of the dense head (set it to task.num_classes)
-    norm: NormKind = "batch"  # batch | group | instance | layer | rms (jaxscale.models.norms)
-    norm_groups: int = 32  # group: channel groups (must divide every stage's width)
-    norm_eps: float = 1e-5  # epsilon inside the norms
-    bn_momentum: float = 0.9  # batch: running <- momentum x running + (1 - momentum) x batch
-    bn_group_size: int = 0  # batch: examples per ghost-BN group (0 = the whole global batch)
-    # imagenet: 7x7 stride-2 conv and 3x3 stride-2 max-pool | small: one 3x3 stride-1 conv
-    # (CIFAR-sized or smaller images, e.g. 8x8 digits)
-    stem: ResNetStem = "imagenet"
-    dtype: DType = "float32"  # compute dtype of convolutions (norm statistics stay float32)
-    param_dtype: DType = "float32"  # storage dtype of parameters
-
-    def __post_init__(self):
-        if not self.blocks and self.depth not in RESNET_DEPTHS:
-            raise ConfigError(f"model.depth={self.depth} has no published layout; choose one of "
-                              f"{', '.join(map(str, RESNET_DEPTHS))} or set model.blocks")
-        if any(n < 1 for n in self.blocks):
-            raise ConfigError(f"model.blocks={list(self.blocks)}: every stage needs >= 1 block")
-        for key in ("width", "num_classes", "norm_groups"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
-        if self.width_multiplier <= 0 or self.norm_eps <= 0:
-            raise ConfigError(f"model.width_multiplier={self.width_multiplier} and model.norm_eps="
-                              f"{self.norm_eps} must be positive")
-        if not 0.0 <= self.bn_momentum < 1.0:
-            raise ConfigError(f"model.bn_momentum={self.bn_momentum} must be in [0, 1)")
-        if self.bn_group_size < 0:
-            raise ConfigError(f"model.bn_group_size={self.bn_group_size} must be >= 0 "
-                              "(0 = statistics over the global batch)")
-
-    @property
-    def stage_blocks(self) -> tuple[int, ...]:
-        """Residual blocks per stage: `blocks`, or the layout of `depth`."""
-        return tuple(self.blocks) or RESNET_DEPTHS[self.depth]
-
-    @property
-    def block_kind(self) -> str:
-        """basic | bottleneck: `block`, or by depth when it is auto."""
-        if self.block != "auto":
-            return self.block
-        return "bottleneck" if not self.blocks and self.depth >= 50 else "basic"
-
-
 # model.name -> the dataclass of its config section. `jaxscale.models.register` adds to it; a
 # model config needs a `name` field. Built-in models are listed here so that `config.load` knows
 # their sections before (without) importing jax.
-MODEL_CONFIGS: dict[str, type] = {"decoder": ModelConfig, "decoder_nnx": ModelConfig,
-                                  "resnet": ResNetConfig}
+MODEL_CONFIGS: dict[str, type] = {"decoder": ModelConfig, "decoder_nnx": ModelConfig}
+
+
+def model_configs() -> dict[str, type]:
+    """`MODEL_CONFIGS` with the built-in image models' sections (`jaxscale.vision_config`, which
+    imports this module and so registers itself on first use)."""
+    import jaxscale.vision_config  # noqa: F401
+
+    return MODEL_CONFIGS
 
 
 def register_model_config(name: str, config_type: type) -> None:
@@ -283,7 +223,10 @@ class ShardingConfig:
 class TaskConfig:
     name: str = "lm"  # what is trained: lm (next-token prediction) | classify (labels of inputs)
     num_classes: int = 10  # classify: number of labels
-    input_shape: tuple[int, ...] = (8, 8, 1)  # classify: one example's shape, e.g. [H, W, C]
+    # classify: one example's shape, e.g. [H, W, C] (image sources resize to its H x W; a
+    # model's compound scaling grows H and W)
+    input_shape: tuple[int, ...] = (8, 8, 1)
+    label_smoothing: float = 0.0  # classify: weight of the uniform target mixed into the label
 
 
 # Choices of the optim section, keyed like jaxscale.core.optim.OPTIMIZERS and .SCHEDULES.
@@ -329,7 +272,8 @@ class PipelineConfig:
 
 
 # data.source choices, keyed like jaxscale.data.SOURCES.
-DataSource = Literal["text", "shards", "hf", "synthetic", "addition"]
+DataSource = Literal["text", "shards", "hf", "synthetic", "addition", "digits", "image_folder",
+                     "npz"]
 DATA_SOURCES: tuple[str, ...] = get_args(DataSource)
 
 
@@ -351,6 +295,12 @@ class DataConfig:
     prefetch: int = 4  # batches prepared ahead of the step
     log_rows: bool = False  # append each step's rows and row hashes to <workdir>/data_rows/
     addition_digits: int = 3  # addition: operands are drawn from [0, 10**addition_digits)
+    # Images (task.name=classify; jaxscale.data.images): digits (scikit-learn's 1,797 8x8
+    # handwritten digits, no download) | image_folder (data.path/<class>/*.png|jpg) | npz
+    # (data.path holding `images` [N, H, W, C] and `labels` [N]) | synthetic
+    crop_padding: int = 0  # random crop of the image after zero-padding each side by this
+    flip: bool = False  # random horizontal flips (off for digits: a flipped digit is another)
+    mixup: float = 0.0  # mixup's Beta(alpha, alpha); 0 = off
 
 
 @dataclass(frozen=True)
@@ -542,7 +492,7 @@ def _for_model(tree: Any, overrides: Any) -> Any:
     decoder's tiny preset starts the ResNet section from its defaults (plus the overrides).
     """
     name = (overrides.get("model") or {}).get("name")
-    if name is None or MODEL_CONFIGS.get(name, ModelConfig) is _model_type(tree):
+    if name is None or model_configs().get(name, ModelConfig) is _model_type(tree):
         return tree
     tree = tree.copy()
     tree.pop("model", None)
@@ -552,7 +502,7 @@ def _for_model(tree: Any, overrides: Any) -> Any:
 def _model_type(tree: Any) -> type:
     """The config dataclass of the model section that the raw tree's `model.name` selects."""
     name = (tree.get("model") or {}).get("name", ModelConfig.name)
-    return MODEL_CONFIGS.get(name, ModelConfig)
+    return model_configs().get(name, ModelConfig)
 
 
 def _schema(model_type: type) -> Any:

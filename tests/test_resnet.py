@@ -16,8 +16,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxscale import config as config_lib
+from jaxscale import vision_config
 from jaxscale.analysis import hlo
-from jaxscale.config import NORM_KINDS, ResNetConfig
+from jaxscale.vision_config import NORM_KINDS, ResNetConfig
 from jaxscale.core.mesh import make_mesh
 from jaxscale.models import MODELS
 from jaxscale.models.norms import KINDS, make_norm
@@ -34,8 +35,8 @@ TINY = ["model.name=resnet", "model.blocks=[1,1]", "model.width=8", "model.num_c
 
 def test_tables_are_keyed_by_the_config_choices():
     assert tuple(KINDS) == NORM_KINDS
-    assert set(BLOCKS) == set(get_args(config_lib.ResNetBlock)) - {"auto"}
-    assert set(STEMS) == set(get_args(config_lib.ResNetStem))
+    assert set(BLOCKS) == set(get_args(vision_config.ResNetBlock)) - {"auto"}
+    assert set(STEMS) == set(get_args(vision_config.ResNetStem))
     assert MODELS["resnet"] is ResNet
 
 

@@ -20,6 +20,7 @@ names. With `nn.scan`, pass ``metadata_params={nn.PARTITION_NAME: "layers"}``.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -39,11 +40,28 @@ def _decoder_nnx(cfg: ModelConfig):
     return DecoderNnx.factory(cfg)
 
 
-# model.name -> factory(model config) -> a Linen module, an NNX module factory or an adapter
+def _lazy(module: str, name: str) -> Callable[[Any], Any]:
+    """A factory that imports `module` when the model is first built."""
+
+    def factory(cfg: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(cfg)
+
+    factory.__qualname__ = f"{module}.{name}"
+    return factory
+
+
+# model.name -> factory(model config) -> a Linen module, an NNX module factory or an adapter.
+# The image models' sections are jaxscale.vision_config.SECTIONS, keyed by the same names.
 MODELS: dict[str, Callable[[Any], Any]] = {
     "decoder": Decoder,
     "decoder_nnx": _decoder_nnx,
-    "resnet": ResNet,  # image classifier; its section is config.ResNetConfig
+    "resnet": ResNet,
+    "vit": _lazy("jaxscale.models.vit", "ViT"),
+    "vgg": _lazy("jaxscale.models.vgg", "VGG"),
+    "googlenet": _lazy("jaxscale.models.googlenet", "GoogLeNet"),
+    "densenet": _lazy("jaxscale.models.densenet", "DenseNet"),
+    "efficientnet": _lazy("jaxscale.models.efficientnet", "EfficientNet"),
+    "regnet": _lazy("jaxscale.models.regnet", "RegNet"),
 }
 
 

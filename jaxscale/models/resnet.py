@@ -20,36 +20,22 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from jaxscale.config import ResNetConfig
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
-from jaxscale.models.norms import make_norm
+from jaxscale.models.conv import IMAGE, conv, head, mean_pool, norm
+from jaxscale.vision_config import ResNetConfig
 
-IMAGE = ("batch", "height", "width", "channels")  # logical names of an activation x_BHWC
 EXPANSION = {"basic": 1, "bottleneck": 4}  # block kind -> output channels / stage width
 
 
 def _conv(cfg: ResNetConfig, features: int, size: int, strides: int, name: str,
           in_axis: str = "conv_in") -> nn.Conv:
-    """A bias-free conv with 'same'-style padding (size // 2 each side, as in the paper)."""
-    pad = size // 2
-    init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # He init, as torchvision
-    return nn.Conv(
-        features, (size, size), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-        use_bias=False, dtype=dtype(cfg.dtype), param_dtype=dtype(cfg.param_dtype),
-        kernel_init=nn.with_logical_partitioning(init, (None, None, in_axis, "conv_out")),
-        name=name,
-    )
+    return conv(cfg, features, size, strides, name=name, in_axis=in_axis)
 
 
 def _norm(cfg: ResNetConfig, name: str, *, last: bool = False) -> nn.Module:
-    return make_norm(
-        cfg.norm, groups=cfg.norm_groups, momentum=cfg.bn_momentum,
-        group_size=cfg.bn_group_size, epsilon=cfg.norm_eps, param_dtype=dtype(cfg.param_dtype),
-        scale_init=nn.initializers.zeros if last else nn.initializers.ones, name=name,
-    )
+    return norm(cfg, name, zero_init=last)
 
 
 class BasicBlock(nn.Module):
@@ -124,15 +110,10 @@ class ResNet(nn.Module):
 
     cfg: ResNetConfig
 
-    def stage_widths(self) -> list[int]:
-        """Channels inside the blocks of each stage (before a bottleneck's expansion)."""
-        base = self.cfg.width * self.cfg.width_multiplier
-        return [max(1, round(base * 2**i)) for i in range(len(self.cfg.stage_blocks))]
-
     @nn.compact
     def __call__(self, images_BHWC: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.cfg
-        widths = self.stage_widths()
+        widths = cfg.stage_widths
         x_BHWC = constrain(images_BHWC.astype(dtype(cfg.dtype)), IMAGE)
         x_BHWC = constrain(STEMS[cfg.stem](cfg, x_BHWC, widths[0], train), IMAGE)
         block = BLOCKS[cfg.block_kind]
@@ -141,14 +122,4 @@ class ResNet(nn.Module):
                 strides = 2 if s > 0 and i == 0 else 1
                 x_BHWC = block(cfg, width, strides, name=f"stage{s + 1}_block{i + 1}")(
                     x_BHWC, train)
-        # Pooled in float32: a bf16 sum over H x W positions loses digits.
-        x_BC = constrain(jnp.mean(x_BHWC.astype(jnp.float32), axis=(1, 2)),
-                         ("batch", "act_embed"))
-        logits_BK = nn.Dense(
-            cfg.num_classes, dtype=dtype(cfg.dtype), param_dtype=dtype(cfg.param_dtype),
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                     ("embed", "vocab")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-            name="head",
-        )(x_BC.astype(dtype(cfg.dtype)))
-        return constrain(logits_BK, ("batch", "act_vocab"))
+        return head(cfg, mean_pool(x_BHWC))
