@@ -62,9 +62,9 @@ def random_batch(run, seed: int = 0) -> dict:
 
 class Step:
     """A jaxscale train step of one config (`jaxscale.run.build`), compiled ahead of time, with
-    its state and a batch."""
+    its state and a batch: `batch_fn(run)`'s (default: `random_batch`, tokens for an LM)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, batch_fn: Callable | None = None):
         import jax
 
         from jaxscale.analysis import hlo, metrics
@@ -74,7 +74,7 @@ class Step:
         self.cfg = cfg
         self.run = run = build(cfg)
         self.state = run.init_state()
-        self.batch = jax.device_put(random_batch(run), run.batch_shardings)
+        self.batch = jax.device_put((batch_fn or random_batch)(run), run.batch_shardings)
         self.rng = jax.random.key(0)
         start = time.perf_counter()
         self.compiled = run.lower(self.state, self.batch, self.rng).compile()
@@ -83,7 +83,7 @@ class Step:
         self.rows = shd.sharding_report(run.abstract, run.mesh, run.rules)
         self.collectives = hlo.summarize(hlo.collectives(self.compiled.as_text(),
                                                          run.mesh.devices.size))
-        self.flops = metrics.flops_per_token(cfg.model, cfg.seq_len)
+        self.flops_per_example = run.flops_per_example()  # the task's formula, or None
 
     def __call__(self) -> float:
         """One step, blocked until done; returns the loss (a host read after the block)."""

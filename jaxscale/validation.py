@@ -326,6 +326,8 @@ def _validate_task(t: TaskConfig) -> None:
         raise ConfigError(
             f"task.input_shape={list(t.input_shape)} must be a list of positive sizes"
         )
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ConfigError(f"task.label_smoothing={t.label_smoothing} must be in [0, 1)")
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -342,13 +344,35 @@ def _validate_data(d: DataConfig) -> None:
     _positive("data.num_threads", d.num_threads)
     _non_negative("data.prefetch", d.prefetch)
     needs_path = {"shards": "a directory written by `jaxscale prepare`",
-                  "hf": "a local data file or directory, or a dataset name"}
+                  "hf": "a local data file or directory, or a dataset name",
+                  "image_folder": "a directory with one subfolder of images per class",
+                  "npz": "a .npz file holding `images` and `labels` arrays"}
     if d.source in needs_path and not d.path:
         raise ConfigError(f"data.source={d.source!r} needs data.path: {needs_path[d.source]}")
     if not d.text_field:
         raise ConfigError("data.text_field='' must name the key that holds a document's text")
     if d.source == "addition" and not 1 <= d.addition_digits <= 9:
         raise ConfigError(f"data.addition_digits={d.addition_digits} must be in [1, 9]")
+    _non_negative("data.crop_padding", d.crop_padding)
+    _non_negative("data.mixup", d.mixup)
+
+
+# data.source values that hold labelled examples (jaxscale.data.images.SOURCES)
+IMAGE_SOURCES = ("digits", "image_folder", "npz", "synthetic")
+
+
+def _validate_images(cfg: Config) -> None:
+    """The classify task's data and the model's patches agree with the examples' shape."""
+    if cfg.data.source not in IMAGE_SOURCES:
+        raise ConfigError(
+            f"data.source={cfg.data.source!r} holds no labels: task.name=classify reads "
+            f"labelled examples from one of {', '.join(IMAGE_SOURCES)}")
+    patch = getattr(cfg.model, "patch_size", None)
+    shape = list(cfg.task.input_shape)
+    if patch and len(shape) == 3 and (shape[0] % patch or shape[1] % patch):
+        raise ConfigError(
+            f"task.input_shape={shape}: the image size {shape[0]}x{shape[1]} is not divisible "
+            f"by model.patch_size={patch}")
 
 
 def _validate_watchdog(w: WatchdogConfig) -> None:
@@ -381,6 +405,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.num_classes={classes} does not match task.num_classes="
             f"{cfg.task.num_classes}: the head must have a logit per label")
+    if cfg.task.name == "classify":
+        _validate_images(cfg)
     decoder = getattr(cfg.model, "decoder_checks", False)
     if decoder:
         _validate_model(cfg.model)

@@ -41,8 +41,26 @@ class ScaleConfig:
             raise ConfigError(f"model.scale.width_divisor={self.width_divisor} must be >= 1")
 
     def depth(self, n: int) -> int:
-        """`n` layers or blocks scaled by alpha^phi, rounded up (as EfficientNet's repeats)."""
-        return n if self.phi == 0 else math.ceil(n * self.alpha**self.phi)
+        """`n` layers or blocks scaled by alpha^phi, rounded to the nearest (at least 1).
+
+        Rounding up, as EfficientNet's per-stage repeats do, overshoots by up to a block per
+        stage (a ResNet-34 at phi=1 would grow by 31% instead of 20%); `depths` shares the
+        rounding out over a net's stages."""
+        return n if self.phi == 0 else max(1, math.floor(n * self.alpha**self.phi + 0.5))
+
+    def depths(self, stages: tuple[int, ...]) -> tuple[int, ...]:
+        """Blocks per stage scaled together: the total scaled by alpha^phi and rounded, shared
+        out in proportion (largest remainders first, every stage keeping at least 1), so that
+        a net of short stages grows by alpha^phi and not by one block per stage."""
+        if self.phi == 0:
+            return tuple(stages)
+        exact = [n * self.alpha**self.phi for n in stages]
+        total = max(len(stages), math.floor(sum(exact) + 0.5))
+        counts = [max(1, math.floor(x)) for x in exact]
+        by_remainder = sorted(range(len(stages)), key=lambda i: counts[i] - exact[i])
+        for i in by_remainder[:max(0, total - sum(counts))]:
+            counts[i] += 1
+        return tuple(counts)
 
     def width(self, channels: int, divisor: int = 0) -> int:
         """`channels` scaled by beta^phi, rounded to the nearest multiple of `divisor` (default
@@ -124,7 +142,7 @@ class ResNetConfig:
     @property
     def stage_blocks(self) -> tuple[int, ...]:
         """Residual blocks per stage: `blocks` (or the layout of `depth`) after `scale`."""
-        return tuple(self.scale.depth(n) for n in (tuple(self.blocks) or RESNET_DEPTHS[self.depth]))
+        return self.scale.depths(tuple(self.blocks) or RESNET_DEPTHS[self.depth])
 
     @property
     def stage_widths(self) -> tuple[int, ...]:

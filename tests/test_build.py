@@ -310,7 +310,7 @@ def test_flops_come_from_the_task_formula_or_from_xla():
 
 
 def test_a_model_that_cannot_take_the_tasks_inputs_is_one_line():
-    cfg = _cfg("decoder", "single", "task.name=classify")
+    cfg = _cfg("decoder", "single", "task.name=classify", "data.source=synthetic")
     with pytest.raises(ConfigError) as info:
         build(cfg, mesh=_mesh(cfg, "single"))
     assert str(info.value) == (

@@ -17,6 +17,7 @@ from jaxscale.run.loop import train
 from jaxscale.tasks.classify import Classify, classify_loss
 
 BASE = ["task.name=classify", "task.num_classes=4", "task.input_shape=[8,8,1]", "batch_size=16",
+        "data.source=synthetic",
         "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.weight_decay=0",
         "optim.clip_norm=0", "optim.warmup_steps=0", "optim.schedule=constant", "progress=false",
         "eval_batches=2", "log_every=1"]
@@ -57,6 +58,41 @@ def test_classify_loss_by_hand():
     lse = np.log(np.exp(2.0) + 1.0), np.log(1.0 + np.e)
     np.testing.assert_allclose(float(out.objective), (lse[0] - 2.0) + lse[1], rtol=1e-6)
     assert float(out.weight) == 2.0 and float(out.sums["accuracy"]) == 1.0
+
+
+def _ce(logits, target):
+    """Cross-entropy of float64 logits against a target distribution, written out."""
+    logits = np.asarray(logits, np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return -(target * log_p).sum(-1)
+
+
+def test_label_smoothing_and_mixup_by_hand():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 5))
+    labels, partners = np.array([0, 3, 1, -1]), np.array([2, 3, 4, 0])
+    w = np.array([0.7, 0.2, 1.0, 0.5])
+    onehot, partner_onehot = np.eye(5)[np.maximum(labels, 0)], np.eye(5)[partners]
+    s = 0.1
+    target = (1 - s) * (w[:, None] * onehot + (1 - w[:, None]) * partner_onehot) + s / 5
+    out = classify_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
+                        label_smoothing=s, mix_labels_B=jnp.asarray(partners),
+                        mix_weight_B=jnp.asarray(w, jnp.float32))
+    counted = labels >= 0
+    np.testing.assert_allclose(float(out.objective), _ce(logits, target)[counted].sum(),
+                               rtol=1e-5)
+    # The reported loss is against the mixed labels, without smoothing.
+    mixed = w[:, None] * onehot + (1 - w[:, None]) * partner_onehot
+    np.testing.assert_allclose(float(out.sums["loss"]), _ce(logits, mixed)[counted].sum(),
+                               rtol=1e-5)
+    assert "top5_accuracy" not in out.sums  # fewer than 10 classes
+
+
+def test_top5_accuracy_counts_the_label_among_the_five_best():
+    logits = jnp.tile(jnp.arange(10.0)[None], (3, 1))  # class 9 scores best, 0 worst
+    out = classify_loss(logits, jnp.array([9, 5, 4]))
+    # ranks 0, 4 and 5: the first two are in the top five.
+    assert float(out.sums["top5_accuracy"]) == 2.0 and float(out.sums["accuracy"]) == 1.0
 
 
 def test_image_batch_spec_names_every_dimension():

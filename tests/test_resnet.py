@@ -18,17 +18,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxscale import config as config_lib
 from jaxscale import vision_config
 from jaxscale.analysis import hlo
-from jaxscale.vision_config import NORM_KINDS, ResNetConfig
 from jaxscale.core.mesh import make_mesh
 from jaxscale.models import MODELS
 from jaxscale.models.norms import KINDS, make_norm
 from jaxscale.models.resnet import BLOCKS, STEMS, BasicBlock, BottleneckBlock, ResNet
 from jaxscale.run.build import build
+from jaxscale.vision_config import NORM_KINDS, ResNetConfig
 
 EPS = 1e-5
 TINY = ["model.name=resnet", "model.blocks=[1,1]", "model.width=8", "model.num_classes=4",
         "model.stem=small", "task.name=classify", "task.num_classes=4",
-        "task.input_shape=[8,8,1]", "batch_size=16", "optim.name=sgd", "optim.lr=0.05",
+        "task.input_shape=[8,8,1]", "data.source=synthetic", "batch_size=16", "optim.name=sgd",
+        "optim.lr=0.05",
         "optim.momentum=0.9", "optim.weight_decay=0", "optim.clip_norm=0",
         "optim.warmup_steps=0", "optim.schedule=constant", "progress=false"]
 
@@ -184,6 +185,7 @@ def test_resnet50_builds_under_the_auto_rules():
     as (fsdp, tensor), keep the stem's 3 input channels whole and replicate the norms."""
     cfg = config_lib.load("tiny", [
         "model.name=resnet", "model.depth=50", "task.name=classify", "task.num_classes=1000",
+        "data.source=synthetic",
         "task.input_shape=[224,224,3]", "batch_size=16", "mesh.fsdp=4", "mesh.tensor=2"])
     params = build(cfg).shardings.params
     assert params["stem_conv"]["kernel"].spec == PartitionSpec(None, None, None, "tensor")

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxscale.analysis import hlo, metrics
 from jaxscale.config import Config
@@ -185,6 +186,10 @@ class Inspection:
     mesh_shape: dict[str, int]
     compile_s: float
     pipeline: PipelineReport | None = None
+    num_params: int = 0  # parameters of the model (all of them, unsharded)
+    units_per_step: int = 0  # tokens (or examples) per step
+    unit: str = "tokens"  # what the task counts
+    input_shape: tuple[int, ...] = ()  # one example's shape (classify: after compound scaling)
 
     def collective_summary(self) -> dict[str, hlo.KindSummary]:
         return hlo.summarize(self.collectives)
@@ -203,8 +208,13 @@ class Inspection:
                  f"  activations/temps {fb(m.temps):>12}   (XLA temp buffers)",
                  f"  peak              {fb(m.peak):>12}   (arguments {fb(m.arguments)} + outputs "
                  f"{fb(m.outputs)} + temps - donated/aliased {fb(m.aliased)})",
-                 "", f"FLOPs per step: {self.flops_per_step:.4g} ({self.flops_source} count; "
-                 f"{self.flops_per_step / self.num_devices:.4g} per device)"]
+                 "", f"model: {self.num_params:,} parameters"
+                 + (f"; inputs {'x'.join(map(str, self.input_shape))}" if self.input_shape
+                    else ""),
+                 f"FLOPs per step: {self.flops_per_step:.4g} ({self.flops_source} count; "
+                 f"{self.flops_per_step / self.num_devices:.4g} per device; "
+                 f"{self.flops_per_step / max(self.units_per_step, 1):.4g} per "
+                 f"{self.unit.rstrip('s')})"]
         if self.xla_flops_per_device:
             lines.append(f"  XLA cost analysis: {self.xla_flops_per_device:.4g} per device "
                          "(counts a scanned layer loop's body once)")
@@ -250,6 +260,9 @@ def inspect_compiled(c: Compiled, *, replicated_warn_bytes: int = REPLICATED_WAR
         xla_flops_per_device=stats.flops, collectives=collectives, warnings=warnings,
         num_devices=num_devices, mesh_shape=dict(c.mesh.shape), compile_s=c.compile_s,
         pipeline=pipeline_report(run),
+        num_params=sum(int(np.prod(r.shape)) for r in rows if r.path.startswith("params/")),
+        units_per_step=run.cfg.batch_size * run.task.units_per_example(), unit=run.task.unit,
+        input_shape=tuple(getattr(run.task, "input_shape", ())),
     )
 
 

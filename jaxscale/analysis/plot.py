@@ -1,5 +1,5 @@
-"""PNGs: a run's train and eval loss and tokens/s against step (matplotlib); a test-time
-compute report's accuracy against samples per prompt."""
+"""PNGs: a run's train and eval loss (and eval accuracy, for classification) and throughput
+against step (matplotlib); a test-time compute report's accuracy against samples per prompt."""
 
 from __future__ import annotations
 
@@ -28,20 +28,30 @@ def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -
     records = read_jsonl(metrics_file)
     train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float)]
     evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), float)]
-    speed = [(r["step"], r["tokens_per_sec"]) for r in records if "tokens_per_sec" in r]
+    accuracy = [(r["step"], r["eval_accuracy"]) for r in records
+                if isinstance(r.get("eval_accuracy"), float)]
+    unit = "examples" if any("examples_per_sec" in r for r in records) else "tokens"
+    speed = [(r["step"], r[f"{unit}_per_sec"]) for r in records if f"{unit}_per_sec" in r]
 
     fig, (ax_loss, ax_speed) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     if train:
         ax_loss.plot(*zip(*train, strict=True), label="train loss")
     if evals:
         ax_loss.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.set_ylabel(f"loss (nats/{unit.rstrip('s')})")
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
+    ax_loss.legend(loc="upper left")
+    if accuracy:
+        ax_accuracy = ax_loss.twinx()
+        ax_accuracy.plot(*zip(*accuracy, strict=True), "s--", color="tab:red",
+                         label="eval accuracy")
+        ax_accuracy.set_ylabel("eval accuracy")
+        ax_accuracy.set_ylim(0, 1)
+        ax_accuracy.legend(loc="upper right")
     ax_loss.set_title(workdir.name)
     if speed:
         ax_speed.plot(*zip(*speed, strict=True), color="tab:green")
-    ax_speed.set_ylabel("tokens/s")
+    ax_speed.set_ylabel(f"{unit}/s")
     ax_speed.set_xlabel("step")
     ax_speed.grid(alpha=0.3)
     fig.tight_layout()

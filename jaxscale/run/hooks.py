@@ -259,17 +259,23 @@ def summarize(steps: int, history: list[dict[str, Any]], unit: str, stats: Any,
     # MFU is proportional to throughput: scale any record's ratio.
     mfu = per_sec * timed[-1]["mfu"] / max(timed[-1][rate], 1e-9)
     evals = [r for r in history if "eval_loss" in r]
+    # The last evaluation's accuracies (classify) sit beside its loss.
+    accuracies = {f"final_{k}": v for k, v in (evals[-1] if evals else {}).items()
+                  if k.startswith("eval_") and k.endswith("accuracy")}
     return {"steps": steps, "final_loss": history[-1]["loss"],
-            "final_eval_loss": evals[-1]["eval_loss"] if evals else None, rate: per_sec,
-            "mfu": mfu, **common}
+            "final_eval_loss": evals[-1]["eval_loss"] if evals else None, **accuracies,
+            rate: per_sec, "mfu": mfu, **common}
 
 
 def format_summary(s: dict[str, Any], unit: str) -> str:
     def fmt(x):
         return "n/a" if x is None else f"{x:.4f}"
 
+    accuracy = s.get("final_eval_accuracy")
     return (
         f"done: {s['steps']} steps in {s['wall_time_s']:.0f}s | train loss {fmt(s['final_loss'])}"
-        f" | eval loss {fmt(s['final_eval_loss'])} | {s[f'{unit}_per_sec']:,.0f} {unit}/s | "
+        f" | eval loss {fmt(s['final_eval_loss'])}"
+        + ("" if accuracy is None else f" | eval accuracy {100 * accuracy:.2f}%")
+        + f" | {s[f'{unit}_per_sec']:,.0f} {unit}/s | "
         f"MFU {100 * s['mfu']:.1f}% | peak {format_bytes(s['peak_bytes_per_device'])} per device"
     )
