@@ -283,24 +283,27 @@ class DataConfig:
     # ("a+b=c" documents, jaxscale.data.addition)
     source: DataSource = "text"
     # text: a directory, file or glob of text / .jsonl files ("" = the Python standard library's
-    # sources); shards: a prepared directory; hf: a local data file/directory or a dataset name
+    # sources); shards: a prepared directory; hf: a local data file/directory or a dataset name;
+    # image_folder: a directory of class folders; npz: a .npz file
     path: str = ""
     tokenizer: str = "byte"  # byte | path/to/tokenizer.json (Hugging Face tokenizers)
     text_field: str = "text"  # the key holding a document's text in .jsonl lines and hf rows
     hf_split: str = "train"  # hf: the dataset split to read
-    val_fraction: float = 0.02  # fraction of documents held out for evaluation
+    val_fraction: float = 0.02  # fraction of documents (or images) held out for evaluation
     pack: bool = True  # pack documents into sequences with segment ids (no cross-doc attention)
-    shuffle: bool = True  # shuffle sequences with the run's seed
+    shuffle: bool = True  # shuffle sequences (or images) with the run's seed
     num_threads: int = 2  # background threads reading records
     prefetch: int = 4  # batches prepared ahead of the step
     log_rows: bool = False  # append each step's rows and row hashes to <workdir>/data_rows/
     addition_digits: int = 3  # addition: operands are drawn from [0, 10**addition_digits)
     # Images (task.name=classify; jaxscale.data.images): digits (scikit-learn's 1,797 8x8
-    # handwritten digits, no download) | image_folder (data.path/<class>/*.png|jpg) | npz
-    # (data.path holding `images` [N, H, W, C] and `labels` [N]) | synthetic
+    # handwritten digits, no download) | image_folder (data.path/<class>/*.png|jpg|jpeg) | npz
+    # (data.path holding `images` [N, H, W(, C)] and `labels` [N], optionally `val_images` and
+    # `val_labels`) | synthetic. Augmentation (training only) is drawn from (seed, stream position).
     crop_padding: int = 0  # random crop of the image after zero-padding each side by this
     flip: bool = False  # random horizontal flips (off for digits: a flipped digit is another)
-    mixup: float = 0.0  # mixup's Beta(alpha, alpha); 0 = off
+    # mixup's Beta(alpha, alpha); 0 = off. Rows (2i, 2i+1) of the batch are mixed together
+    mixup: float = 0.0
 
 
 @dataclass(frozen=True)

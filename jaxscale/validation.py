@@ -359,6 +359,7 @@ def _validate_data(d: DataConfig) -> None:
 
 # data.source values that hold labelled examples (jaxscale.data.images.SOURCES)
 IMAGE_SOURCES = ("digits", "image_folder", "npz", "synthetic")
+IMAGE_ONLY_SOURCES = ("digits", "image_folder", "npz")
 
 
 def _validate_images(cfg: Config) -> None:
@@ -407,6 +408,12 @@ def validate(cfg: Config) -> None:
             f"{cfg.task.num_classes}: the head must have a logit per label")
     if cfg.task.name == "classify":
         _validate_images(cfg)
+    elif cfg.data.source in IMAGE_ONLY_SOURCES:
+        text = [s for s in get_args(get_type_hints(type(cfg.data))["source"])
+                if s not in IMAGE_ONLY_SOURCES]
+        raise ConfigError(
+            f"data.source={cfg.data.source!r} holds labelled images: task.name={cfg.task.name} "
+            f"reads text from one of {', '.join(text)}")
     decoder = getattr(cfg.model, "decoder_checks", False)
     if decoder:
         _validate_model(cfg.model)

@@ -322,7 +322,10 @@ def test_epochs_reshuffle_and_cover_every_record():
 
 
 def test_sources_table_matches_the_config_choices():
-    assert set(data_lib.SOURCES) == set(config_lib.DATA_SOURCES)
+    """The text sources and the image sources (`data.images`) together are the config's."""
+    from jaxscale.data import images
+
+    assert set(data_lib.SOURCES) | set(images.SOURCES) == set(config_lib.DATA_SOURCES)
 
 
 def test_hf_source_reads_a_local_dataset(tmp_path):
@@ -344,7 +347,10 @@ def test_hf_source_reads_a_local_dataset(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.source=shard"], "data.source='shard' is not valid; choose one of: text, shards, hf, "
-                            "synthetic, addition (did you mean 'shards'?)"),
+                            "synthetic, addition, digits, image_folder, npz (did you mean "
+                            "'shards'?)"),
+    (["data.source=digits"], "data.source='digits' holds labelled images: task.name=lm reads "
+                             "text from one of text, shards, hf, synthetic, addition"),
     (["data.source=shards"], "data.source='shards' needs data.path: a directory written by "
                              "`jaxscale prepare`"),
     (["data.source=hf"], "data.source='hf' needs data.path: a local data file or directory, or "

@@ -68,11 +68,17 @@ def row_hashes(local: dict[str, np.ndarray]) -> list[str]:
 
 
 def records_fingerprint(records: Any, shuffle: bool) -> str:
-    """Identifies a record sequence cheaply: its length and a hash of three of its records."""
+    """Identifies a record sequence cheaply: its length, a hash of three of its records and the
+    records' `settings` string, if they have one."""
     n = len(records)
     h = hashlib.sha256(f"{n}:{shuffle}".encode())
     for i in sorted({0, n // 2, n - 1}):
         h.update("".join(row_hashes(collate([records[i]]))).encode())
+    # What else defines the stream without showing in those records (e.g. augmentation settings,
+    # or the list of image files); sources without it keep the fingerprints they always had.
+    settings = getattr(records, "settings", None)
+    if settings is not None:
+        h.update(str(settings).encode())
     return h.hexdigest()[:16]
 
 
@@ -82,7 +88,9 @@ class DataPipeline:
 
     Attributes:
       records: random-access records (`len`, `[i]`): dicts of arrays of fixed shapes (e.g. T
-        tokens, or an image and its label).
+        tokens, or an image and its label). Optional: `batch(ids)` reads many at once;
+        `batch_at(positions, ids)` also receives the rows' positions in the stream (the reads
+        then depend on both, e.g. augmentation); `settings`, a string hashed into `fingerprint`.
       global_batch: records per step, over all processes.
       sharding: the batch's sharding: one for every field, or a dict of one per field (from
         `sharding.batch_shardings` of the task's batch spec).
@@ -134,6 +142,12 @@ class DataPipeline:
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the batch at `step`, as numpy arrays."""
         ids = self.record_ids(step)
+        read_at = getattr(self.records, "batch_at", None)
+        if read_at is not None:
+            # Records whose rows depend on where they are in the stream (training augmentation:
+            # an image read in two epochs gets two different crops), not only on which they are.
+            positions = self.record_indices(step)
+            return read_at(np.arange(positions.start, positions.stop, dtype=np.int64), ids)
         read_batch = getattr(self.records, "batch", None)
         if read_batch is not None:  # vectorised over the rows
             return read_batch(ids)
@@ -184,7 +198,8 @@ class DataPipeline:
                 f"{state['fingerprint']}) but this run's data has {len(self.records)} "
                 f"({self.fingerprint}): data.source, data.path, data.tokenizer, data.pack, "
                 "data.shuffle or seq_len changed, so the sample stream cannot continue exactly; "
-                "resume with the same data, or start a new run from the parameters only "
+                "resume with the same data (and image augmentation: data.crop_padding, data.flip, "
+                "data.mixup), or start a new run from the parameters only "
                 "(checkpoint.init_from)"
             )
         saved_batch = int(state.get("global_batch", self.global_batch))

@@ -130,20 +130,10 @@ class Classify:
         return None if macs is None else 6.0 * macs(model_cfg, self.input_shape)
 
     def pipelines(self, cfg: Any, shardings: dict[str, Any]):
-        """Synthetic labelled examples (`jaxscale.data.sources.SyntheticClasses`)."""
-        from jaxscale.data import EVAL_SEED
-        from jaxscale.data.pipeline import DataPipeline
-        from jaxscale.data.sources import SyntheticClasses
+        """The training and held-out pipelines of `cfg.data.source` (`jaxscale.data.images`)."""
+        from jaxscale.data import images
 
-        common = dict(global_batch=cfg.batch_size, sharding=shardings,
-                      num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch)
-        source = dict(input_shape=self.input_shape, num_classes=self.num_classes)
-        return (
-            DataPipeline(SyntheticClasses(**source, seed=cfg.seed), seed=cfg.seed,
-                         shuffle=cfg.data.shuffle, **common),
-            DataPipeline(SyntheticClasses(**source, seed=cfg.seed, split=1), seed=EVAL_SEED,
-                         shuffle=True, **common),
-        )
+        return images.pipelines(cfg, self.input_shape, self.num_classes, shardings)
 
 
 def from_config(cfg: Any) -> Classify:
