@@ -68,6 +68,13 @@ BENCHMARKS = {
         "row), so more prompts per call raise tokens/s at nearly the same time per step; "
         "prefill processes all prompt tokens in one pass and runs many times more tokens/s. A "
         "batch is padded to a multiple of the mesh's batch devices (\"rows run\")."),
+    "vision_throughput": (
+        "Vision: images/s and MFU of the digits presets per mesh", [], ["--quick"],
+        "resnet-digits and vit-digits as shipped (16x16 digits, batch 72, float32), each "
+        "mesh a compiled jaxscale step timed round-robin. MFU counts the model's own FLOPs "
+        "per image (6 x forward multiply-accumulates) against the CPU's measured matmul peak; "
+        "these models are small (a few MFLOPs per image), so per-op overhead, not arithmetic, "
+        "sets their speed on the CPU."),
 }
 
 

@@ -110,6 +110,9 @@ TINY = ["model.num_layers=1", "model.d_model=32", "model.d_ff=64", "batch_size=8
                                      "model.num_layers=1"],
                  r"^\| tiny \| fsdp=8 \| 8 \| 8 \| 128 \| 64 \| [0-9.]+ \| [0-9.]+ \|",
                  id="generate_decode"),
+    pytest.param("vision_throughput", ["--quick"],
+                 r"^\| vit-digits \| fsdp=4 x tensor=2 \| [0-9.]+ \| [0-9.-]+ \| [0-9,]+ \| "
+                 r"[0-9.]+ \| [0-9.]+% \|$", id="vision_throughput"),
 ])
 def test_cpu_benchmark_runs_tiny(name, args, expect, tmp_path):
     if name == "checkpoint_overhead":

@@ -248,3 +248,17 @@ def test_tiny_resnet_on_a_mesh_equals_one_device(one_device, mesh):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # The statistics moved: the step updated them (from mean 0, var 1).
     assert float(np.abs(stats1["stem_norm"]["mean"]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("rules, mesh, split", [
+    ("dp", ["mesh.data=8", "mesh.fsdp=1"], ()),
+    ("fsdp", ["mesh.fsdp=8"], ("fsdp",)),
+    ("tp", ["mesh.data=4", "mesh.fsdp=1", "mesh.tensor=2"], ("tensor",)),
+    ("fsdp_tp", ["mesh.fsdp=4", "mesh.tensor=2"], ("fsdp", "tensor")),
+])
+def test_every_rule_preset_names_the_image_dimensions(rules, mesh, split):
+    """The presets have rules for conv kernels and image activations, like `auto`."""
+    cfg = config_lib.load("tiny", [*TINY, "model.width=16", *mesh, f"sharding.rules={rules}"])
+    spec = build(cfg).shardings.params["stage1_block1"]["conv1"]["kernel"].spec
+    axes = {a for d in spec if d for a in ((d,) if isinstance(d, str) else d)}
+    assert axes - {"data"} == set(split), spec

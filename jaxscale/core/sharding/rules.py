@@ -52,6 +52,10 @@ def _preset(param_axes: MeshAxes, tensor: MeshAxes) -> LogicalRules:
         ("act_vocab", tensor),
         ("act_expert", "expert"),
         ("act_expert_batch", BATCH_AXES),
+        # images: spatial dimensions and input channels stay whole
+        ("height", None),
+        ("width", None),
+        ("channels", None),
         # parameters
         ("layers", None),
         ("vocab", tensor),
@@ -62,6 +66,9 @@ def _preset(param_axes: MeshAxes, tensor: MeshAxes) -> LogicalRules:
         ("mlp", tensor),
         ("norm", None),
         ("expert", "expert"),
+        # convolution kernels [kh, kw, conv_in, conv_out], like embed and mlp
+        ("conv_in", param_axes),
+        ("conv_out", tensor),
     )
 
 
