@@ -491,9 +491,9 @@ def test_unannotated_model_on_fsdp_is_an_error(mesh_fsdp8):
     assert specs["params/embed/embedding"] == P(None, None)
     # The fsdp preset shards parameters over data too: on the data axis the way out is dp.
     with pytest.raises(shd.ShardingError, match=re.escape(
-            "mesh axis 'data' has size 8 and sharding rules map parameter names to it (embed), "
-            "but no parameter is sharded over it") + ".*or use sharding.rules=dp for plain data "
-            "parallelism$"):
+            "mesh axis 'data' has size 8 and sharding rules map parameter names to it (embed, "
+            "conv_in), but no parameter is sharded over it")
+            + ".*or use sharding.rules=dp for plain data parallelism$"):
         shd.state_shardings(_unannotated_state(), mesh, shd.resolve_rules("fsdp"))
 
 

@@ -482,6 +482,12 @@ def plan(cfg: Config, num_devices: int, target: str = "h100", *, device_memory: 
     """
     if target not in TARGETS:
         raise ConfigError(f"--target {target!r} is not known; choose one of: {', '.join(TARGETS)}")
+    if not isinstance(cfg.model, config_lib.ModelConfig):
+        # The candidates and the memory model are the decoder's (heads, layers, tokens).
+        raise ConfigError(
+            f"jaxscale plan models the decoder's layouts and memory; model.name="
+            f"{cfg.model.name} is not a decoder: use `jaxscale inspect` with the mesh you mean "
+            "to rent for its memory, FLOPs and collectives")
     if len(jax.devices()) < num_devices:
         raise ConfigError(f"--devices {num_devices}: only {len(jax.devices())} devices are "
                           "visible (the CLI simulates them: jaxscale plan --devices N)")
