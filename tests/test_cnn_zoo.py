@@ -114,6 +114,14 @@ def test_a_bad_key_names_itself(family, override, message):
     assert str(e.value) == message
 
 
+def test_vgg_says_when_images_are_too_small():
+    model = VGG(VGGConfig(depth=11, width_multiplier=1 / 16, head_width=8, num_classes=4))
+    with pytest.raises(config_lib.ConfigError) as e:
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1))))
+    assert str(e.value) == ("images of 16x16 are too small for VGG's 5 2x2 max-pools; give "
+                            "images of at least 32x32")
+
+
 # --------------------------------------------------------------------------------------------
 # Tiny versions trained on a mesh and on one device.
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
+from jaxscale.errors import ConfigError
 from jaxscale.models.conv import IMAGE, conv, dense, head, norm
 from jaxscale.vision_config import VGGConfig
 
@@ -54,6 +55,12 @@ class VGG(nn.Module):
     @nn.compact
     def __call__(self, images_BHWC: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.cfg
+        reduction = 2 ** len(cfg.stage_convs)  # a 2x2 max-pool ends every stage
+        if min(images_BHWC.shape[1:3]) < reduction:
+            raise ConfigError(
+                f"images of {images_BHWC.shape[1]}x{images_BHWC.shape[2]} are too small for "
+                f"VGG's {len(cfg.stage_convs)} 2x2 max-pools; give images of at least "
+                f"{reduction}x{reduction}")
         x_BHWC = constrain(images_BHWC.astype(dtype(cfg.dtype)), IMAGE)
         in_axis = "channels"  # the image's channels: no mesh axis divides 1 or 3 of them
         for s, (n, width) in enumerate(zip(cfg.stage_convs, cfg.stage_widths, strict=True)):
