@@ -278,7 +278,8 @@ def test_dropout_uses_the_explicit_rng():
 def test_registry():
     assert isinstance(build_model(style("llama")), MODELS["decoder"])
     with pytest.raises(ConfigError, match=r"^model.name='gpt' is not a registered model; "
-                       r"choose one of: decoder, decoder_nnx, resnet \(or register one"):
+                       r"choose one of: decoder, decoder_nnx, resnet, vit, vgg, googlenet, "
+                       r"densenet, efficientnet, regnet \(or register one"):
         build_model(tiny_model_config(name="gpt"))
     register("test_tiny", lambda cfg: MODELS["decoder"](cfg))
     try:
