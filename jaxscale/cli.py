@@ -167,7 +167,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     result = plan(cfg, args.devices, args.target, device_memory=memory,
-                  remats=[r for r in args.remat.split(",") if r],
+                  remats=None if args.remat is None else [r for r in args.remat.split(",") if r],
                   usable_fraction=args.usable_fraction,
                   log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_plan(result))
@@ -348,9 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "tpu-v5e, tpu-v5p, tpu-v6e (default: h100)")
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="memory per device, e.g. 80GB or 74.5GiB (default: the target's)")
-    p.add_argument("--remat", default="full,minimal,none", metavar="POLICIES",
+    p.add_argument("--remat", default=None, metavar="POLICIES",
                    help="comma-separated remat policies to try, least memory first (default: "
-                        "full,minimal,none)")
+                        "full,minimal,none; none for a model without a remat setting)")
     p.add_argument("--usable-fraction", type=float, default=0.9,
                    help="share of device memory the step may use (default: 0.9)")
     p.set_defaults(func=cmd_plan, parser=p)

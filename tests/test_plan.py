@@ -303,3 +303,61 @@ def test_pipeline_trips_count_the_layers_in_the_ticks_that_run_them():
     assert {c.name: c.trips for c in found} == {"all-gather.1": 3, "permute.6": 6}
     counted = {c.name: c.trips for c in plan_lib.pipeline_trips(PIPELINED, found, table)}
     assert counted == {"all-gather.1": 3 * 2, "permute.6": 6}  # 3 layers x 2 forward ticks
+
+
+# --------------------------------------------------------------------------------------------
+# Image models: ViT's blocks are priced like the decoder's; CNNs have no remat and no tensor
+# candidates, and their FLOPs come from the classify task's formula.
+
+def test_vit_candidates_and_recompute():
+    from jaxscale.models.vit import forward_macs
+
+    cfg = config_lib.load("vit-digits", ["batch_size=16"])
+    h100 = plan_lib.TARGETS["h100"]
+    got = {(c.strategy, c.label) for c in plan_lib.candidates(cfg, 8, h100, ("full",))}
+    # 4 heads, an MLP of 128 and 10 classes: tensor=2 only; no experts, sequence or stages
+    assert got == {("dp", "data=8"), ("fsdp", "fsdp=8"), ("fsdp_tp", "fsdp=4 x tensor=2")}
+    per_example = 6 * forward_macs(cfg.model, (16, 16, 1))
+    none, model_s = plan_lib.compute_seconds(cfg, "none", 8, h100, flops_per_example=per_example)
+    full, _ = plan_lib.compute_seconds(cfg, "full", 8, h100, flops_per_example=per_example)
+    assert none == model_s == pytest.approx(16 * per_example / 8 / 989e12)
+    # full remat reruns each block's q/k/v, attention (bidirectional: both halves), out and
+    # MLP-in matmuls for the 16 patch tokens (mean-pooled: no class token)
+    D, F, T, L = 64, 128, 16, 4
+    rerun = L * T * (2 * D * 3 * D + 4 * T * D + 2 * D * D + 2 * D * F)
+    assert full == pytest.approx(16 * (per_example + rerun) / 8 / 989e12)
+
+
+@pytest.fixture(scope="module")
+def resnet_plan():
+    return plan_lib.plan(config_lib.load("resnet-digits", ["batch_size=16"]), 8, "h100")
+
+
+def test_a_cnn_is_planned_without_remat_or_tensor_candidates(resnet_plan):
+    from jaxscale.models.resnet import forward_macs
+
+    got = [(e.candidate.strategy, e.candidate.label, e.candidate.remat)
+           for e in resnet_plan.estimates]
+    assert got == [("dp", "data=8", ""), ("fsdp", "fsdp=8", "")]
+    per_example = 6 * forward_macs(resnet_plan.cfg.model, (16, 16, 1))
+    for e in resnet_plan.estimates:
+        assert e.fits and e.peak_bytes >= e.state_bytes + e.temp_bytes
+        assert e.compute_s == e.model_s == pytest.approx(16 * per_example / 8 / 989e12)
+        assert not any(o.startswith("model.remat") for o in e.candidate.overrides)
+    dp, fsdp = resnet_plan.estimates
+    # AdamW: parameters and two moments, replicated by dp; fsdp splits the kernels 8 ways and
+    # keeps the norms' vectors whole
+    assert 6 * fsdp.state_bytes < dp.state_bytes < 8 * fsdp.state_bytes
+    text = plan_lib.format_plan(resnet_plan)
+    assert text.startswith("plan: model.name=resnet, batch 16 x 16x16x1 on 8 x h100 ")
+    recommendation = text.split("recommendation: ")[1]
+    best = resnet_plan.best.candidate
+    assert recommendation.startswith(f"{best.strategy} {best.label}: about ")
+    assert " examples/s at " in recommendation and "remat" not in recommendation
+
+
+def test_remat_policies_for_a_model_without_a_remat_setting():
+    with pytest.raises(ConfigError) as e:
+        plan_lib.plan(config_lib.load("resnet-digits"), 8, remats=("full",))
+    assert str(e.value) == ("--remat full: model.name=resnet has no remat setting; leave "
+                            "--remat out")

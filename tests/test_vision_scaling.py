@@ -99,14 +99,3 @@ def test_scaled_resolution_reaches_the_task_and_inspect():
     assert f"model: {params:,} parameters; inputs 11x11x1" in report
     assert f"{6 * macs * 16:.4g} (model count; " in report
     assert f"{6 * macs:.4g} per example)" in report
-
-
-def test_plan_says_it_models_decoders_only():
-    from jaxscale.analysis.plan import plan
-
-    with pytest.raises(config_lib.ConfigError) as e:
-        plan(config_lib.load("resnet50"), 8)
-    assert str(e.value) == (
-        "jaxscale plan models the decoder's layouts and memory; model.name=resnet is not a "
-        "decoder: use `jaxscale inspect` with the mesh you mean to rent for its memory, FLOPs "
-        "and collectives")

@@ -3,13 +3,18 @@
 For every candidate layout of N devices (data, fsdp, hybrid, fsdp x tensor, pipeline stages x
 fsdp; see `candidates`) and remat policy, the train step is compiled ahead of time for N
 simulated CPU devices from abstract shapes (nothing is allocated) and judged against a target
-accelerator (`TARGETS`):
+accelerator (`TARGETS`). Any built-in model is planned: the decoder, ViT, ResNet and the CNN zoo
+(a model whose config has no `remat` field is tried without remat candidates):
 
 * memory: XLA's memory analysis of the compiled step (arguments + outputs + temporaries -
   donated) against the target's HBM times `usable_fraction`;
 * step time, a roofline that assumes compute and communication overlap fully:
       compute_s = (model FLOPs + the policy's forward recompute) / devices / peak FLOP/s
                   (1f1b pipelines add one forward of the layers: their backward reruns it)
+      model FLOPs: the decoder's count (analysis.metrics.flops_per_token); for other models
+                  the task's formula (classify: 6 x the forward MACs of ViT and ResNet), else
+                  XLA's count of the compiled step. The recompute is priced on transformer
+                  blocks (the decoder's and ViT's: `RECOMPUTE`); other models have none
       comm_s    = sum over the collectives of the partitioned HLO of
                   bytes x ring factor / bandwidth of the link the replica group spans
       step_s    = max(compute_s / (1 - bubble), comm_s)   (also reported: compute_s + comm_s)
@@ -29,7 +34,9 @@ examples.
 GPU targets run attention as cuDNN's fused kernel, which the CPU compiler does not have; `plan`
 compiles those with a stand-in of the same memory footprint (it keeps q, k, v, the output and the
 log-sum-exp for the backward pass, never the [T, S] scores). On TPUs jaxscale uses XLA's attention,
-so TPU targets are compiled with it, [T, S] scores included. Mixture-of-experts layers compile
+so TPU targets are compiled with it, [T, S] scores included. ViT is always compiled with XLA's
+attention, scores included: cuDNN has no kernel for some of its token counts (197 for ViT-B/16's
+patches and class token), where it runs XLA's. Mixture-of-experts layers compile
 their grouped matmuls as dense matmuls of the same shapes (`core.experts.footprint_standin`):
 the CPU compiler would expand them over every expert, GPU and TPU kernels do not.
 """
@@ -51,6 +58,7 @@ from jaxscale.core import experts, pipeline
 from jaxscale.core import sharding as shd
 from jaxscale.core.units import format_bytes
 from jaxscale.errors import ShardingError
+from jaxscale.vision_config import ViTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +130,7 @@ class Candidate:
     strategy: str
     mesh: tuple[tuple[str, int], ...]  # mesh axis sizes that are not 1
     rules: str  # sharding rule preset
-    remat: str  # remat policy
+    remat: str  # remat policy ("": the model has no remat setting)
     axes: tuple[str, ...] = PLANNED_AXES  # mesh axes the overrides set
     context_parallel: str = "none"  # model.context_parallel
     stage_schedule: str = ""  # pipeline.schedule of a pp candidate ("": not pipelined)
@@ -137,7 +145,8 @@ class Candidate:
         if self.stage_schedule:
             out += [f"pipeline.schedule={self.stage_schedule}",
                     f"pipeline.microbatches={self.microbatches}"]
-        return out + [f"sharding.rules={self.rules}", f"model.remat={self.remat}"]
+        out.append(f"sharding.rules={self.rules}")
+        return out + ([f"model.remat={self.remat}"] if self.remat else [])
 
     @property
     def label(self) -> str:
@@ -221,8 +230,8 @@ def candidates(cfg: Config, num_devices: int, target: Target,
     """Mesh layouts of `num_devices` worth trying, times the remat policies.
 
     dp (data=N); fsdp (fsdp=N); hsdp (fsdp over one or two nodes, data across them);
-    fsdp_tp (tensor = 2, 4, 8 within a node when the heads, kv heads and MLP width divide, fsdp
-    the rest); for a mixture-of-experts model ep (expert = 2, 4, 8, ... dividing the experts, up
+    fsdp_tp (tensor = 2, 4, 8 within a node when it divides `tensor_dims`, fsdp the rest; not
+    for CNNs); for a mixture-of-experts model ep (expert = 2, 4, 8, ... dividing the experts, up
     to a node, fsdp the rest); from `LONG_SEQUENCE` tokens on cp (sequence = 2, 4, 8 within a
     node with the load-balanced ring, fsdp the rest); for a decoder with a scanned layer stack,
     no experts and no context parallelism pp (stage = 2, 4, 8 dividing the layers and the devices,
@@ -231,7 +240,7 @@ def candidates(cfg: Config, num_devices: int, target: Target,
     m = cfg.model
     moe = getattr(m, "moe", None)
     experts = moe.num_experts if moe is not None else 0
-    long = cfg.seq_len >= LONG_SEQUENCE and hasattr(m, "context_parallel")
+    long = is_decoder(m) and cfg.seq_len >= LONG_SEQUENCE and hasattr(m, "context_parallel")
     axes = PLANNED_AXES + (("expert",) if experts else ()) + (("sequence",) if long else ())
     meshes: list[tuple[str, tuple[tuple[str, int], ...], str]] = [
         ("dp", (("data", num_devices),), "dp"),
@@ -241,8 +250,9 @@ def candidates(cfg: Config, num_devices: int, target: Target,
     for fsdp in (node, 2 * node):
         if fsdp < num_devices and num_devices % fsdp == 0:
             meshes.append(("hsdp", (("data", num_devices // fsdp), ("fsdp", fsdp)), "hsdp"))
-    for tensor in (2, 4, 8):
-        divides = all(n % tensor == 0 for n in (m.num_heads, m.kv_heads, m.d_ff, m.vocab_size))
+    dims = tensor_dims(m)
+    for tensor in (2, 4, 8) if dims else ():
+        divides = all(n % tensor == 0 for n in dims)
         if tensor <= node and num_devices % tensor == 0 and num_devices > tensor and divides:
             meshes.append(("fsdp_tp", (("fsdp", num_devices // tensor), ("tensor", tensor)),
                            "fsdp_tp"))
@@ -255,6 +265,8 @@ def candidates(cfg: Config, num_devices: int, target: Target,
     for sequence in (2, 4, 8) if long else ():
         if sequence <= node and num_devices % sequence == 0 and cfg.seq_len % (2 * sequence) == 0:
             meshes.append(("cp", split(sequence) + (("sequence", sequence),), "auto"))
+    if not hasattr(m, "remat"):
+        remats = ("",)
     out = [Candidate(s, mesh, rules, r, axes, "ring" if s == "cp" else "none")
            for s, mesh, rules in meshes for r in remats]
     pipelines = (getattr(m, "scan_layers", False) and not experts
@@ -280,28 +292,83 @@ def pipeline_microbatches(batch_size: int, stages: int, batch_shards: int) -> in
     return 0
 
 
-def compute_seconds(cfg: Config, remat: str, num_devices: int, target: Target) -> tuple[float,
-                                                                                          float]:
-    """(seconds of compute per step at peak incl. recompute, seconds of the model FLOPs alone)."""
+def is_decoder(model_cfg) -> bool:
+    """The built-in decoder's config (the plan's language-model layouts: experts, context and
+    pipeline parallelism)."""
+    return isinstance(model_cfg, config_lib.ModelConfig)
+
+
+def tensor_dims(model_cfg) -> tuple[int, ...]:
+    """The sizes tensor parallelism splits, which a tensor axis must divide: the decoder's heads,
+    kv heads, MLP width and vocabulary; ViT's heads, MLP width and classes; () for other models,
+    which get no tensor candidates (a CNN's channels are sharded by fsdp)."""
+    m = model_cfg
+    if is_decoder(m):
+        return (m.num_heads, m.kv_heads, m.d_ff, m.vocab_size)
+    if isinstance(m, ViTConfig):
+        return (m.heads, m.mlp_width, m.num_classes)
+    return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """The transformer blocks of a model, which the remat policies recompute parts of."""
+
+    cfg: config_lib.ModelConfig  # the blocks' decoder config (ViT: `models.vit.decoder_config`)
+    tokens: int  # per example
+    causal: bool  # the attention computes only the unmasked half of the scores
+
+
+def transformer_blocks(cfg: Config, target: Target) -> Blocks | None:
+    """The decoder's blocks (causal where a fused kernel or the ring skips the masked half; XLA
+    computes all), ViT's (bidirectional, over its patches and class token), or None."""
     m = cfg.model
-    L, D, F, T = m.num_layers, m.d_model, _active_mlp_width(m), cfg.seq_len
-    N = m.num_heads
-    K, H = m.kv_heads, m.head_size
-    flops = metrics.flops_per_token(m, T)
-    # A fused kernel and the ring skip the masked half of the causal scores; XLA computes all.
-    causal = target.fused_attention or m.context_parallel == "ring"
-    attn_fwd = 2 * T * N * H * (1 if causal else 2)
-    per_token = flops.causal_per_token if causal else flops.noncausal_per_token
-    pieces = {"qkv": 2 * D * (N + 2 * K) * H, "attn": attn_fwd, "out": 2 * N * H * D,
-              "mlp_in": 2 * (2 if m.mlp == "swiglu" else 1) * D * F, "mlp_out": 2 * D * F}
-    recompute = L * sum(pieces[p] for p in RECOMPUTE.get(remat, ()))
-    if cfg.mesh.stage > 1 and cfg.pipeline.schedule == "1f1b":
-        # 1f1b keeps only a stage's input per microbatch: its backward recomputes the whole
-        # stage forward (under jax.vjp), on top of what the remat policy recomputes inside it.
-        recompute += L * sum(pieces.values())
-    tokens = cfg.batch_size * cfg.seq_len
-    model_s = tokens * flops.causal_per_token / num_devices / target.peak_flops
-    return tokens * (per_token + recompute) / num_devices / target.peak_flops, model_s
+    if is_decoder(m):
+        causal = target.fused_attention or m.context_parallel == "ring"
+        return Blocks(m, cfg.seq_len, causal)
+    if isinstance(m, ViTConfig):
+        from jaxscale.models import vit
+        from jaxscale.tasks import make_task
+
+        shape = make_task(cfg).input_shape
+        gh, gw = vit.grid(m, shape)
+        return Blocks(vit.decoder_config(m), gh * gw + (m.pool == "cls"), False)
+    return None
+
+
+def compute_seconds(cfg: Config, remat: str, num_devices: int, target: Target, *,
+                    flops_per_example: float | None = None) -> tuple[float, float]:
+    """(seconds of compute per step at peak incl. recompute, seconds of the model FLOPs alone).
+
+    `flops_per_example` (training FLOPs of one example) is required for a model other than the
+    decoder, whose count comes from `analysis.metrics.flops_per_token`."""
+    m = cfg.model
+    blocks = transformer_blocks(cfg, target)
+    if is_decoder(m):
+        flops = metrics.flops_per_token(m, cfg.seq_len)
+        per_token = flops.causal_per_token if blocks.causal else flops.noncausal_per_token
+        model_per_example = flops.causal_per_token * cfg.seq_len
+        per_example = per_token * cfg.seq_len
+    elif flops_per_example is None:
+        raise ValueError(f"model.name={m.name}: compute_seconds needs flops_per_example")
+    else:
+        model_per_example = per_example = flops_per_example
+    recompute = 0.0
+    if blocks is not None:
+        b = blocks.cfg
+        L, D, F, T = b.num_layers, b.d_model, _active_mlp_width(b), blocks.tokens
+        N, K, H = b.num_heads, b.kv_heads, b.head_size
+        pieces = {"qkv": 2 * D * (N + 2 * K) * H,
+                  "attn": 2 * T * N * H * (1 if blocks.causal else 2), "out": 2 * N * H * D,
+                  "mlp_in": 2 * (2 if b.mlp == "swiglu" else 1) * D * F, "mlp_out": 2 * D * F}
+        # FLOPs per token of every layer the policy reruns, times the tokens of an example
+        recompute = L * T * sum(pieces[p] for p in RECOMPUTE.get(remat, ()))
+        if cfg.mesh.stage > 1 and cfg.pipeline.schedule == "1f1b":
+            # 1f1b keeps only a stage's input per microbatch: its backward recomputes the whole
+            # stage forward (under jax.vjp), on top of what the remat policy recomputes inside.
+            recompute += L * T * sum(pieces.values())
+    scale = cfg.batch_size / num_devices / target.peak_flops
+    return (per_example + recompute) * scale, model_per_example * scale
 
 
 def _active_mlp_width(m) -> float:
@@ -435,8 +502,10 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
     # with its memory footprint (see the module docstring). The ring is compiled as it runs:
     # its blockwise softmax keeps no [T, S] scores either.
     standin = target.fused_attention and cand.context_parallel == "none"
-    model = adapt(Decoder(c_cfg.model, attention_fn=_standin_attention if standin else None),
-                  config=c_cfg.model)
+    model = None  # other models: the one model.name names, attention as it runs (see above)
+    if is_decoder(c_cfg.model):
+        model = adapt(Decoder(c_cfg.model, attention_fn=_standin_attention if standin else None),
+                      config=c_cfg.model)
     try:
         run = build(c_cfg, model, mesh=mesh)
     except (ConfigError, ShardingError) as e:
@@ -459,7 +528,10 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
     est.temp_bytes, est.peak_bytes, est.compile_s = stats.temp_bytes, stats.peak_bytes, \
         compiled.compile_s
     est.status = "fits" if stats.peak_bytes <= limit_bytes else "does not fit"
-    est.compute_s, est.model_s = compute_seconds(c_cfg, cand.remat, num_devices, target)
+    per_example = None if is_decoder(c_cfg.model) else (
+        run.flops_per_example() or (stats.flops or 0.0) * num_devices / c_cfg.batch_size)
+    est.compute_s, est.model_s = compute_seconds(c_cfg, cand.remat, num_devices, target,
+                                                 flops_per_example=per_example)
     text = compiled.compiled.as_text()
     collectives = hlo.collectives(text, num_devices)
     if run.pipeline is not None:
@@ -474,23 +546,22 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
 
 
 def plan(cfg: Config, num_devices: int, target: str = "h100", *, device_memory: float | None = None,
-         remats: Sequence[str] = DEFAULT_REMATS, usable_fraction: float = 0.9,
+         remats: Sequence[str] | None = None, usable_fraction: float = 0.9,
          log=None) -> Plan:
     """Evaluate every candidate for `num_devices` devices of `target` (see the module docstring).
 
-    Needs `num_devices` jax devices (the CLI simulates them on the CPU before jax starts).
+    `remats` default to `DEFAULT_REMATS` (none for a model without a remat setting). Needs
+    `num_devices` jax devices (the CLI simulates them on the CPU before jax starts).
     """
     if target not in TARGETS:
         raise ConfigError(f"--target {target!r} is not known; choose one of: {', '.join(TARGETS)}")
-    if not isinstance(cfg.model, config_lib.ModelConfig):
-        # The candidates and the memory model are the decoder's (heads, layers, tokens).
-        raise ConfigError(
-            f"jaxscale plan models the decoder's layouts and memory; model.name="
-            f"{cfg.model.name} is not a decoder: use `jaxscale inspect` with the mesh you mean "
-            "to rent for its memory, FLOPs and collectives")
     if len(jax.devices()) < num_devices:
         raise ConfigError(f"--devices {num_devices}: only {len(jax.devices())} devices are "
                           "visible (the CLI simulates them: jaxscale plan --devices N)")
+    if remats is not None and not hasattr(cfg.model, "remat"):
+        raise ConfigError(f"--remat {','.join(remats)}: model.name={cfg.model.name} has no remat "
+                          "setting; leave --remat out")
+    remats = DEFAULT_REMATS if remats is None else tuple(remats)
     for r in remats:
         if r not in config_lib.REMAT_POLICIES:
             raise ConfigError(f"--remat {r!r} is not a remat policy; choose from: "
@@ -525,7 +596,7 @@ def _group(cands: list[Candidate]) -> list[list[Candidate]]:
 def format_row(e: Estimate) -> str:
     fb = format_bytes
     c = e.candidate
-    head = f"{c.strategy:<8} {c.label:<22} {c.remat:<8}"
+    head = f"{c.strategy:<8} {c.label:<22} {c.remat or '-':<8}"
     if not e.compute_s:
         return f"{head} {e.status}"
     row = (f"{head} {'fits' if e.fits else 'NO FIT':<6} {fb(e.state_bytes):>11} "
@@ -539,13 +610,26 @@ def _ms(seconds: float) -> str:
     return f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}"
 
 
+# What real steps reach of the peak-compute bound, by whether the model is a transformer.
+_REACH = {True: "real steps reach ~40-55% of it",
+          False: "convolutional networks reach well below a transformer's ~40-55% of it"}
+
+
 def format_plan(p: Plan) -> str:
     """The candidates as a table, and the recommendation."""
     cfg = p.cfg
-    tokens = cfg.batch_size * cfg.seq_len
+    if is_decoder(cfg.model):
+        model = (f"{cfg.model.num_layers} layers x d_model {cfg.model.d_model}, batch "
+                 f"{cfg.batch_size} x {cfg.seq_len} tokens")
+        units, unit = cfg.batch_size * cfg.seq_len, "tokens"
+    else:
+        from jaxscale.tasks import make_task
+
+        shape = "x".join(map(str, make_task(cfg).input_shape))
+        model = f"model.name={cfg.model.name}, batch {cfg.batch_size} x {shape}"
+        units, unit = cfg.batch_size, "examples"
     lines = [
-        f"plan: {cfg.model.num_layers} layers x d_model {cfg.model.d_model}, batch "
-        f"{cfg.batch_size} x {cfg.seq_len} tokens on {p.num_devices} x {p.target_name} "
+        f"plan: {model} on {p.num_devices} x {p.target_name} "
         f"({p.target.description}); memory limit {format_bytes(p.hbm_bytes)} x "
         f"{p.usable_fraction:.2f}; peak {p.target.peak_flops / 1e12:.0f} TFLOP/s, links "
         f"{p.target.intra_bw / 1e9:.0f} GB/s in a node of {p.target.devices_per_node}, "
@@ -556,16 +640,18 @@ def format_plan(p: Plan) -> str:
         f"{'':<40}{'':<6} {'':>11} {'':>11} {'':>11} {'(ms)':>9} {'(ms)':>9} {'(ms)':>9}",
     ]
     lines += [format_row(e) for e in p.estimates]
+    blocks = transformer_blocks(cfg, p.target) is not None
     best = p.best
     if best is None:
         lines.append("recommendation: nothing fits; add devices, lower batch_size or seq_len")
     else:
         c = best.candidate
         lines.append(
-            f"recommendation: {c.strategy} {c.label}, remat={c.remat}: about "
-            f"{_ms(best.step_s)} ms per step ({tokens / best.step_s:,.0f} tokens/s at "
-            f"{100 * best.mfu_bound:.0f}% MFU if compute ran at peak; real steps reach ~40-55% "
-            f"of it), {format_bytes(best.peak_bytes)} per device"
+            f"recommendation: {c.strategy} {c.label}" + (f", remat={c.remat}" if c.remat else "")
+            + ": about "
+            f"{_ms(best.step_s)} ms per step ({units / best.step_s:,.0f} {unit}/s at "
+            f"{100 * best.mfu_bound:.0f}% MFU if compute ran at peak; {_REACH[blocks]}), "
+            f"{format_bytes(best.peak_bytes)} per device"
             + (f", {100 * best.bubble:.1f}% pipeline bubble" if best.bubble else "")
             + "\n  jaxscale train "
             f"--config ... {' '.join(c.overrides)}")
