@@ -13,7 +13,7 @@ import yaml
 
 from jaxscale import cli
 from jaxscale import config as config_lib
-from jaxscale.analysis.metrics import read_jsonl
+from jaxscale.analysis.metrics import flops_per_token, read_jsonl
 from jaxscale.run.loop import train
 
 CONTRACT = ("step", "loss", "grad_norm", "learning_rate", "tokens_per_sec", "step_time_s", "mfu",
@@ -81,6 +81,18 @@ def test_tensorboard_plot_summary_and_config_written(run):
     assert summary["peak_bytes_per_device"] > 0
     saved = config_lib.from_dict(yaml.safe_load((workdir / "config.yaml").read_text()))
     assert saved.steps == 6 and saved.model.d_model == 32
+    # What a scaling fit reads: parameters by hand, untied embeddings (the token table is the
+    # embedding; the output projection counts), tokens and FLOPs of the 6 steps.
+    m = saved.model
+    H = m.d_model // m.num_heads
+    layer = (m.d_model * H * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * m.d_model * m.d_ff
+             + 2 * m.d_model)
+    non_embedding = m.num_layers * layer + m.d_model + m.d_model * m.vocab_size
+    assert summary["params_non_embedding"] == non_embedding
+    assert summary["params_total"] == non_embedding + m.vocab_size * m.d_model
+    assert summary["tokens_seen"] == 6 * saved.batch_size * saved.seq_len
+    per_token = flops_per_token(m, saved.seq_len).causal_per_token
+    assert summary["train_flops"] == summary["tokens_seen"] * per_token
 
 
 def _scalars(event_file: pathlib.Path, tag: str) -> list[float]:

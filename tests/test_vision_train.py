@@ -16,6 +16,7 @@ import pytest
 
 from jaxscale import config as config_lib
 from jaxscale.analysis.metrics import read_jsonl
+from jaxscale.models.resnet import forward_macs
 from jaxscale.run.loop import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,6 +53,12 @@ def test_a_vision_run_resumes_bitwise(tmp_path):
         assert rows[step]["hashes"] == straight_rows[step]["hashes"], step
     summary = json.loads((resumed_dir / "summary.json").read_text())
     assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
+    # The resumed run counts the examples and FLOPs of all 8 steps, before and after the stop.
+    assert summary["examples_seen"] == 8 * 16
+    assert summary["train_flops"] == 8 * 16 * 6 * forward_macs(
+        config_lib.load("tiny", DIGITS).model, (12, 12, 1))
+    assert summary["params_total"] == summary["params_non_embedding"] == sum(
+        x.size for x in jax.tree_util.tree_leaves(resumed.params))
 
 
 @pytest.mark.slow

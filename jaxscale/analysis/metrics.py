@@ -71,6 +71,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> Flops:
     )
 
 
+def parameter_counts(params: Any) -> tuple[int, int]:
+    """(total, non-embedding) parameters of a parameter tree (arrays or shape structs).
+
+    Embedding parameters are the lookup tables of `flax.linen.Embed` (leaves named
+    "embedding": the token table and a learned position table), as scaling laws count N
+    (Kaplan et al. 2020). An untied output projection is a matmul and counts; a tied one is
+    the token table and does not.
+    """
+    total = embedding = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        size = int(np.prod(leaf.shape))
+        total += size
+        last = path[-1] if path else None
+        if getattr(last, "key", getattr(last, "name", None)) == "embedding":
+            embedding += size
+    return total, total - embedding
+
+
 # --------------------------------------------------------------------------------------------
 # Peak FLOP/s per device.
 

@@ -94,7 +94,7 @@ class Run:
 
     def flops_per_example(self) -> float | None:
         """Training FLOPs of one example by the task's formula for this model, else None (then
-        count them with XLA's cost analysis: `analysis.metrics.step_flops`)."""
+        XLA's cost analysis of the compiled step counts them: `analysis.metrics.compiled_stats`)."""
         return self.task.flops_per_example(self.model.config)
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 from jaxscale.analysis import metrics as metrics_lib
@@ -217,10 +218,24 @@ class Summary(AtEnd):
         cfg, logger = self.run.cfg, self.metrics.logger
         summary = summarize(cfg.steps, self.metrics.history, self.run.task.unit, self.stats,
                             self.compile_s, time.perf_counter() - self.wall_start)
+        summary.update(self.totals())
         if jax.process_index() == 0:
             workdir = pathlib.Path(cfg.workdir)
             write_atomic(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
             logger.log(format_summary(summary, self.run.task.unit))
+
+
+    def totals(self) -> dict[str, Any]:
+        """What a scaling law needs of the run: parameters (all, and without the embedding
+        tables: `metrics.parameter_counts`), the tokens (or examples) trained on, and the
+        training FLOPs, `flops_per_unit` x those units (the model count of docs/metrics.md;
+        remat's recompute is not counted)."""
+        total, non_embedding = metrics_lib.parameter_counts(
+            nn.unbox(self.run.abstract.params))
+        throughput = self.metrics.throughput
+        seen = self.run.cfg.steps * throughput.units_per_step
+        return {"params_total": total, "params_non_embedding": non_embedding,
+                f"{throughput.unit}_seen": seen, "train_flops": seen * throughput.flops_per_unit}
 
 
 class Plot(AtEnd):
