@@ -84,11 +84,13 @@ class ScaleConfig:
         return (self.alpha * self.beta**2 * self.gamma**2) ** self.phi
 
 
-# Choices of the ResNet section; jaxscale.models.norms.KINDS and resnet.BLOCKS / STEMS are keyed
-# by the same names (tests/test_resnet.py).
+# Choices of the CNN sections; jaxscale.models.norms.KINDS, resnet.BLOCKS and the STEMS tables of
+# resnet, googlenet and densenet are keyed by the same names (tests/test_resnet.py,
+# tests/test_cnn_zoo.py). Every CNN has an imagenet stem (strided, for 224x224 images) and a
+# small one (unstrided, for CIFAR-sized or smaller images).
 NormKind = Literal["batch", "group", "instance", "layer", "rms"]
 ResNetBlock = Literal["auto", "basic", "bottleneck"]
-ResNetStem = Literal["imagenet", "small"]
+CNNStem = Literal["imagenet", "small"]
 NORM_KINDS: tuple[str, ...] = get_args(NormKind)
 RESNET_DEPTHS: dict[int, tuple[int, ...]] = {  # depth -> residual blocks per stage (He et al.)
     18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3),
@@ -96,7 +98,35 @@ RESNET_DEPTHS: dict[int, tuple[int, ...]] = {  # depth -> residual blocks per st
 
 
 @dataclass(frozen=True)
-class ResNetConfig:
+class ConvNetConfig:
+    """The fields every CNN section shares, the ones `jaxscale.models.conv` reads: the head,
+    the normalisation and the dtypes. A section redeclares a field to change its default."""
+
+    name: str = ""  # model registry key (jaxscale.models.MODELS)
+    num_classes: int = 1000  # logits of the dense head (set it to task.num_classes)
+    norm: NormKind = "batch"  # batch | group | instance | layer | rms (jaxscale.models.norms)
+    norm_groups: int = 32  # group: channel groups (must divide every norm's channels)
+    norm_eps: float = 1e-5  # epsilon inside the norms
+    bn_momentum: float = 0.9  # batch: running <- momentum x running + (1 - momentum) x batch
+    bn_group_size: int = 0  # batch: examples per ghost-BN group (0 = the whole global batch)
+    dtype: DType = "float32"  # compute dtype of convolutions (norm statistics stay float32)
+    param_dtype: DType = "float32"  # storage dtype of parameters
+
+    def __post_init__(self):
+        for key in ("num_classes", "norm_groups"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"model.norm_eps={self.norm_eps} must be positive")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ConfigError(f"model.bn_momentum={self.bn_momentum} must be in [0, 1)")
+        if self.bn_group_size < 0:
+            raise ConfigError(f"model.bn_group_size={self.bn_group_size} must be >= 0 "
+                              "(0 = statistics over the global batch)")
+
+
+@dataclass(frozen=True)
+class ResNetConfig(ConvNetConfig):
     """A ResNet image classifier (`jaxscale.models.resnet`), He et al. 2015 in the v1.5 form
     (a bottleneck strides in its 3x3 conv). Checked on construction; the error names the key."""
 
@@ -108,17 +138,9 @@ class ResNetConfig:
     block: ResNetBlock = "auto"
     width: int = 64  # channels of the first stage; stage i has width x 2^i (x4 after bottleneck)
     width_multiplier: float = 1.0  # scales every stage's width (2.0: a wide ResNet)
-    num_classes: int = 1000  # logits of the dense head (set it to task.num_classes)
-    norm: NormKind = "batch"  # batch | group | instance | layer | rms (jaxscale.models.norms)
-    norm_groups: int = 32  # group: channel groups (must divide every stage's width)
-    norm_eps: float = 1e-5  # epsilon inside the norms
-    bn_momentum: float = 0.9  # batch: running <- momentum x running + (1 - momentum) x batch
-    bn_group_size: int = 0  # batch: examples per ghost-BN group (0 = the whole global batch)
     # imagenet: 7x7 stride-2 conv and 3x3 stride-2 max-pool | small: one 3x3 stride-1 conv
     # (CIFAR-sized or smaller images, e.g. 8x8 digits)
-    stem: ResNetStem = "imagenet"
-    dtype: DType = "float32"  # compute dtype of convolutions (norm statistics stay float32)
-    param_dtype: DType = "float32"  # storage dtype of parameters
+    stem: CNNStem = "imagenet"
     scale: ScaleConfig = field(default_factory=ScaleConfig)  # compound scaling (model.scale.phi)
 
     def __post_init__(self):
@@ -127,17 +149,11 @@ class ResNetConfig:
                               f"{', '.join(map(str, RESNET_DEPTHS))} or set model.blocks")
         if any(n < 1 for n in self.blocks):
             raise ConfigError(f"model.blocks={list(self.blocks)}: every stage needs >= 1 block")
-        for key in ("width", "num_classes", "norm_groups"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
-        if self.width_multiplier <= 0 or self.norm_eps <= 0:
-            raise ConfigError(f"model.width_multiplier={self.width_multiplier} and model.norm_eps="
-                              f"{self.norm_eps} must be positive")
-        if not 0.0 <= self.bn_momentum < 1.0:
-            raise ConfigError(f"model.bn_momentum={self.bn_momentum} must be in [0, 1)")
-        if self.bn_group_size < 0:
-            raise ConfigError(f"model.bn_group_size={self.bn_group_size} must be >= 0 "
-                              "(0 = statistics over the global batch)")
+        if self.width < 1:
+            raise ConfigError(f"model.width={self.width} must be positive")
+        if self.width_multiplier <= 0:
+            raise ConfigError(f"model.width_multiplier={self.width_multiplier} must be positive")
+        super().__post_init__()
 
     @property
     def stage_blocks(self) -> tuple[int, ...]:
@@ -252,9 +268,6 @@ class ViTConfig:
 
 # ---- VGG, GoogLeNet and DenseNet sections (jaxscale.models.vgg, .googlenet, .densenet) ----
 
-# Choices of these sections; the STEMS tables of jaxscale.models.googlenet and .densenet are
-# keyed by the same names (tests/test_cnn_zoo.py).
-CNNStem = Literal["imagenet", "small"]
 VGG_WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 512)  # channels of the five stages
 VGG_DEPTHS: dict[int, tuple[int, ...]] = {  # depth -> 3x3 convs per stage (configs A, B, D, E
     11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4),
@@ -284,25 +297,18 @@ def _channels(channels: int, multiplier: float, divisor: int) -> int:
     return max(divisor, int(channels * multiplier / divisor + 0.5) * divisor)
 
 
-def _check_cnn(cfg) -> None:
-    """The checks the three sections share (their norm and width fields)."""
-    for key in ("num_classes", "norm_groups", "width_divisor"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key}={getattr(cfg, key)} must be positive")
-    for key in ("width_multiplier", "norm_eps"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"model.{key}={getattr(cfg, key)} must be positive")
-    if not 0.0 <= cfg.bn_momentum < 1.0:
-        raise ConfigError(f"model.bn_momentum={cfg.bn_momentum} must be in [0, 1)")
-    if cfg.bn_group_size < 0:
-        raise ConfigError(f"model.bn_group_size={cfg.bn_group_size} must be >= 0 "
-                          "(0 = statistics over the global batch)")
+def _check_widths(cfg) -> None:
+    """The checks VGG, GoogLeNet and DenseNet add for their width and dropout fields."""
+    if cfg.width_divisor < 1:
+        raise ConfigError(f"model.width_divisor={cfg.width_divisor} must be positive")
+    if cfg.width_multiplier <= 0:
+        raise ConfigError(f"model.width_multiplier={cfg.width_multiplier} must be positive")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.dropout} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
-class VGGConfig:
+class VGGConfig(ConvNetConfig):
     """A VGG image classifier (`jaxscale.models.vgg`), Simonyan & Zisserman 2014: stages of 3x3
     convs with 2x2 max-pools between, an adaptive average pool to `pool_size` x `pool_size` and
     three dense layers. Without a norm (the default, as published: convs with a bias) VGG-11 has
@@ -315,17 +321,10 @@ class VGGConfig:
     head_width: int = 4096  # hidden width of the classifier's two hidden dense layers
     dropout: float = 0.5  # dropout after each hidden dense layer (training only)
     pool_size: int = 7  # side of the adaptive average pool before the classifier
-    num_classes: int = 1000  # logits of the dense head (set it to task.num_classes)
     # false: the paper's VGG (convs with a bias, no norm) | true: `norm` after every conv, as
     # torchvision's vgg*_bn (convs without a bias)
     batch_norm: bool = False
     norm: NormKind = "batch"  # batch | group | instance | layer | rms: the norm batch_norm adds
-    norm_groups: int = 32  # group: channel groups (must divide every stage's width)
-    norm_eps: float = 1e-5  # epsilon inside the norms
-    bn_momentum: float = 0.9  # batch: running <- momentum x running + (1 - momentum) x batch
-    bn_group_size: int = 0  # batch: examples per ghost-BN group (0 = the whole global batch)
-    dtype: DType = "float32"  # compute dtype of convolutions (norm statistics stay float32)
-    param_dtype: DType = "float32"  # storage dtype of parameters
 
     def __post_init__(self):
         if self.depth not in VGG_DEPTHS:
@@ -334,7 +333,8 @@ class VGGConfig:
         for key in ("head_width", "pool_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
-        _check_cnn(self)
+        _check_widths(self)
+        super().__post_init__()
 
     @property
     def stage_convs(self) -> tuple[int, ...]:
@@ -348,7 +348,7 @@ class VGGConfig:
 
 
 @dataclass(frozen=True)
-class GoogLeNetConfig:
+class GoogLeNetConfig(ConvNetConfig):
     """GoogLeNet (Inception v1, `jaxscale.models.googlenet`), Szegedy et al. 2014, with a norm
     after every conv as torchvision's GoogLeNet and without the auxiliary classifiers: 6,624,904
     parameters at 1000 classes with the 3x3 "5x5" branch of torchvision's weights."""
@@ -359,24 +359,19 @@ class GoogLeNetConfig:
     # kernel of the branch the paper calls 5x5: 3 as torchvision's GoogLeNet | 5 as the paper
     wide_kernel: int = 3
     dropout: float = 0.2  # dropout before the head (torchvision's 0.2; the paper's 0.4)
-    num_classes: int = 1000  # logits of the dense head (set it to task.num_classes)
-    norm: NormKind = "batch"  # batch | group | instance | layer | rms (jaxscale.models.norms)
     norm_groups: int = 8  # group: channel groups (must divide every conv's channels)
     norm_eps: float = 1e-3  # epsilon inside the norms (torchvision's 0.001)
-    bn_momentum: float = 0.9  # batch: running <- momentum x running + (1 - momentum) x batch
-    bn_group_size: int = 0  # batch: examples per ghost-BN group (0 = the whole global batch)
     # imagenet: 7x7 stride-2 conv, 1x1, 3x3, a max-pool after the first and the last (the
     # image shrinks 8x before inception 3a) | small: a 3x3 stride-1 first conv and no max-pool
     # in the stem (CIFAR-sized or smaller images)
     stem: CNNStem = "imagenet"
-    dtype: DType = "float32"  # compute dtype of convolutions (norm statistics stay float32)
-    param_dtype: DType = "float32"  # storage dtype of parameters
 
     def __post_init__(self):
         if self.wide_kernel not in (3, 5):
             raise ConfigError(f"model.wide_kernel={self.wide_kernel} must be 3 (torchvision's "
                               "GoogLeNet) or 5 (the paper's 5x5)")
-        _check_cnn(self)
+        _check_widths(self)
+        super().__post_init__()
 
     def width(self, channels: int) -> int:
         """A published channel count after `width_multiplier`."""
@@ -389,7 +384,7 @@ class GoogLeNetConfig:
 
 
 @dataclass(frozen=True)
-class DenseNetConfig:
+class DenseNetConfig(ConvNetConfig):
     """A DenseNet-BC image classifier (`jaxscale.models.densenet`), Huang et al. 2016: dense
     blocks of BN-ReLU-1x1-BN-ReLU-3x3 layers, each adding `growth_rate` channels to the
     concatenation of all before it, with compressing transitions between the blocks.
@@ -405,17 +400,10 @@ class DenseNetConfig:
     width_multiplier: float = 1.0  # scales growth_rate and init_features
     width_divisor: int = 8  # scaled channel counts are rounded to a multiple of this
     dropout: float = 0.0  # dropout after every dense layer's 3x3 conv (torchvision's drop_rate)
-    num_classes: int = 1000  # logits of the dense head (set it to task.num_classes)
-    norm: NormKind = "batch"  # batch | group | instance | layer | rms (jaxscale.models.norms)
     norm_groups: int = 8  # group: channel groups (must divide every norm's channels)
-    norm_eps: float = 1e-5  # epsilon inside the norms
-    bn_momentum: float = 0.9  # batch: running <- momentum x running + (1 - momentum) x batch
-    bn_group_size: int = 0  # batch: examples per ghost-BN group (0 = the whole global batch)
     # imagenet: 7x7 stride-2 conv, norm, ReLU, 3x3 stride-2 max-pool | small: one 3x3
     # stride-1 conv, as the paper's CIFAR nets (CIFAR-sized or smaller images)
     stem: CNNStem = "imagenet"
-    dtype: DType = "float32"  # compute dtype of convolutions (norm statistics stay float32)
-    param_dtype: DType = "float32"  # storage dtype of parameters
 
     def __post_init__(self):
         if not self.blocks and self.depth not in DENSENET_DEPTHS:
@@ -428,7 +416,8 @@ class DenseNetConfig:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
         if not 0.0 < self.compression <= 1.0:
             raise ConfigError(f"model.compression={self.compression} must be in (0, 1]")
-        _check_cnn(self)
+        _check_widths(self)
+        super().__post_init__()
 
     @property
     def block_layers(self) -> tuple[int, ...]:
@@ -477,7 +466,7 @@ def round_filters(channels: float, divisor: int = 8) -> int:
 
 
 @dataclass(frozen=True)
-class EfficientNetConfig:
+class EfficientNetConfig(ConvNetConfig):
     """An EfficientNet (`jaxscale.models.efficientnet`), Tan & Le 2019: MBConv stages with
     squeeze-excitation, B0 grown by compound scaling into B1..B7."""
 
@@ -492,14 +481,9 @@ class EfficientNetConfig:
     # drop_connect x i / N (per example, during training only)
     drop_connect: float = 0.2
     stem: CNNStem = "imagenet"  # imagenet: a 3x3 stride-2 conv | small: stride 1 (tiny images)
-    num_classes: int = 1000  # logits of the dense head (set it to task.num_classes)
-    norm: NormKind = "batch"  # batch | group | instance | layer | rms (jaxscale.models.norms)
     norm_groups: int = 8  # group: channel groups (must divide every layer's channels)
     norm_eps: float = 1e-3  # epsilon inside the norms (the reference implementation's)
     bn_momentum: float = 0.99  # batch: running <- momentum x running + (1 - momentum) x batch
-    bn_group_size: int = 0  # batch: examples per ghost-BN group (0 = the whole global batch)
-    dtype: DType = "float32"  # compute dtype of convolutions (norm statistics stay float32)
-    param_dtype: DType = "float32"  # storage dtype of parameters
 
     def __post_init__(self):
         for key in ("width_mult", "depth_mult"):
@@ -514,7 +498,7 @@ class EfficientNetConfig:
                               f"model.variant={self.variant}'s)")
         if not 0.0 <= self.drop_connect < 1.0:
             raise ConfigError(f"model.drop_connect={self.drop_connect} must be in [0, 1)")
-        _check_cnn_fields(self)
+        super().__post_init__()
 
     @property
     def resolution(self) -> int:
@@ -570,7 +554,7 @@ REGNET_SE_RATIO = 0.25  # a Y block's squeeze width / the block's input width
 
 
 @dataclass(frozen=True)
-class RegNetConfig:
+class RegNetConfig(ConvNetConfig):
     """A RegNet (`jaxscale.models.regnet`), Radosavovic et al. 2020: stages of X blocks (1x1,
     grouped 3x3, 1x1 residual bottlenecks) or Y blocks (X with squeeze-excitation), whose widths
     follow a quantised linear rule of depth, w0, wa and wm."""
@@ -584,14 +568,7 @@ class RegNetConfig:
     group_width: int = 0  # channels per group of the 3x3 convs; 0 = the variant's
     se: bool | None = None  # squeeze-excitation after the 3x3 (a Y block); None = the variant's
     stem: CNNStem = "imagenet"  # imagenet: a 3x3 stride-2 conv | small: stride 1 (tiny images)
-    num_classes: int = 1000  # logits of the dense head (set it to task.num_classes)
-    norm: NormKind = "batch"  # batch | group | instance | layer | rms (jaxscale.models.norms)
     norm_groups: int = 8  # group: channel groups (must divide every stage's width)
-    norm_eps: float = 1e-5  # epsilon inside the norms
-    bn_momentum: float = 0.9  # batch: running <- momentum x running + (1 - momentum) x batch
-    bn_group_size: int = 0  # batch: examples per ghost-BN group (0 = the whole global batch)
-    dtype: DType = "float32"  # compute dtype of convolutions (norm statistics stay float32)
-    param_dtype: DType = "float32"  # storage dtype of parameters
 
     def __post_init__(self):
         for key in ("depth", "w0", "wa", "wm", "group_width"):
@@ -604,7 +581,7 @@ class RegNetConfig:
         if self.block_wm <= 1.0:
             raise ConfigError(f"model.wm={self.block_wm} must be above 1 (each stage is wider "
                               "than the last)")
-        _check_cnn_fields(self)
+        super().__post_init__()
 
     def _published(self, index: int):
         return REGNET_VARIANTS[self.variant][index]
@@ -652,20 +629,6 @@ class RegNetConfig:
     @property
     def stage_depths(self) -> tuple[int, ...]:
         return tuple(n for _, n, _ in self.stage_layout)
-
-
-def _check_cnn_fields(cfg) -> None:
-    """The checks of the fields every CNN section shares (those `jaxscale.models.conv` reads)."""
-    for key in ("num_classes", "norm_groups"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key}={getattr(cfg, key)} must be positive")
-    if cfg.norm_eps <= 0:
-        raise ConfigError(f"model.norm_eps={cfg.norm_eps} must be positive")
-    if not 0.0 <= cfg.bn_momentum < 1.0:
-        raise ConfigError(f"model.bn_momentum={cfg.bn_momentum} must be in [0, 1)")
-    if cfg.bn_group_size < 0:
-        raise ConfigError(f"model.bn_group_size={cfg.bn_group_size} must be >= 0 "
-                          "(0 = statistics over the global batch)")
 
 
 def scaled_input_shape(model_cfg, input_shape: tuple[int, ...]) -> tuple[int, ...]:

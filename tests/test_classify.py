@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from util import build_on, train_steps
 
 from jaxscale import config as config_lib
 from jaxscale.analysis.metrics import read_jsonl
-from jaxscale.core.mesh import make_mesh
-from jaxscale.run.build import build
 from jaxscale.run.loop import train
 from jaxscale.tasks.classify import Classify, classify_loss
 
@@ -38,18 +37,7 @@ RULES = 'sharding.param_rules=[["hidden/kernel", ["embed", "mlp"]], ["out/kernel
 
 
 def _run(mesh_overrides, devices=None):
-    cfg = config_lib.load("tiny", [*BASE, RULES, *mesh_overrides])
-    return build(cfg, BatchNormMlp(), mesh=make_mesh(cfg.mesh, devices=devices))
-
-
-def _steps(run, n=3):
-    pipeline, _ = run.task.pipelines(run.cfg, run.batch_shardings)
-    state = run.init_state()
-    losses = []
-    for step in range(n):
-        state, metrics = run.train_step(state, pipeline.batch(step), jax.random.key(0))
-        losses.append(float(metrics["loss"]))
-    return state, losses
+    return build_on([*BASE, RULES, *mesh_overrides], devices, BatchNormMlp())
 
 
 def test_classify_loss_by_hand():
@@ -103,9 +91,9 @@ def test_image_batch_spec_names_every_dimension():
 
 
 def test_batch_statistics_on_fsdp8_equal_one_device():
-    one, one_losses = _steps(_run(["mesh.fsdp=1"], devices=jax.devices()[:1]))
+    one, one_losses = train_steps(_run(["mesh.fsdp=1"], devices=jax.devices()[:1]))
     run8 = _run(["mesh.fsdp=8"])
-    eight, eight_losses = _steps(run8)
+    eight, eight_losses = train_steps(run8)
     assert "fsdp" in str(run8.shardings.params["hidden"]["kernel"].spec)
     np.testing.assert_allclose(eight_losses, one_losses, rtol=1e-5)
     stats1, stats8 = jax.device_get(one.extra["batch_stats"]), jax.device_get(

@@ -10,15 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from util import build_on, train_steps
 
 from jaxscale import config as config_lib
 from jaxscale import vision_config
-from jaxscale.core.mesh import make_mesh
 from jaxscale.models import densenet, googlenet
 from jaxscale.models.densenet import DenseNet
 from jaxscale.models.googlenet import GoogLeNet
 from jaxscale.models.vgg import VGG, adaptive_weights
-from jaxscale.run.build import build
 from jaxscale.vision_config import DenseNetConfig, GoogLeNetConfig, VGGConfig
 
 OPTIM = ["data.source=synthetic", "batch_size=16", "optim.name=sgd", "optim.lr=0.05",
@@ -125,16 +124,9 @@ def test_vgg_says_when_images_are_too_small():
 # --------------------------------------------------------------------------------------------
 # Tiny versions trained on a mesh and on one device.
 
-def _steps(family, mesh_overrides, devices=None, n=3):
-    cfg = config_lib.load("tiny", [*OPTIM, *TINY[family][0], *mesh_overrides])
-    run = build(cfg, mesh=make_mesh(cfg.mesh, devices=devices))
-    pipeline, _ = run.task.pipelines(run.cfg, run.batch_shardings)
-    state = run.init_state()
-    losses = []
-    for step in range(n):
-        state, metrics = run.train_step(state, pipeline.batch(step), jax.random.key(0))
-        losses.append(float(metrics["loss"]))
-    return run, jax.device_get(state), losses
+def _steps(family, mesh_overrides, devices=None):
+    run = build_on([*OPTIM, *TINY[family][0], *mesh_overrides], devices)
+    return run, *train_steps(run)
 
 
 @pytest.fixture(scope="module", params=["vgg", "densenet"])
@@ -167,11 +159,9 @@ def test_googlenet_step_on_a_mesh_equals_one_device():
     # the step itself is compared: the loss and batch statistics to 1e-5, and each parameter's
     # update to 1% of its size. A sharding error (a missing reduction, a wrong mean) moves the
     # update by its own size; the max-pools move it by up to 0.23%.
-    def build_on(mesh_overrides, devices=None):
-        cfg = config_lib.load("tiny", [*OPTIM, *TINY["googlenet"][0], *mesh_overrides])
-        return build(cfg, mesh=make_mesh(cfg.mesh, devices=devices))
-
-    one, many = build_on(["mesh.fsdp=1"], jax.devices()[:1]), build_on(["mesh.fsdp=8"])
+    overrides = [*OPTIM, *TINY["googlenet"][0]]
+    one = build_on([*overrides, "mesh.fsdp=1"], jax.devices()[:1])
+    many = build_on([*overrides, "mesh.fsdp=8"])
     assert "fsdp" in str(many.shardings.params["inception3a"]["branch1"]["conv"]["kernel"].spec)
     pipeline, _ = one.task.pipelines(one.cfg, one.batch_shardings)
     pipeline8, _ = many.task.pipelines(many.cfg, many.batch_shardings)

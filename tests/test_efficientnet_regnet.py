@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from util import build_on, train_steps
 
 from jaxscale import config as config_lib
 from jaxscale import vision_config
-from jaxscale.core.mesh import make_mesh
 from jaxscale.models import MODELS, build_model
 from jaxscale.models.efficientnet import EfficientNet, MBConv, SqueezeExcite
 from jaxscale.models.regnet import RegNet
-from jaxscale.run.build import build
 from jaxscale.vision_config import EfficientNetConfig, RegNetConfig
 
 TRAIN = ["task.name=classify", "task.num_classes=4", "model.num_classes=4",
@@ -201,16 +200,9 @@ def test_config_selects_the_section_and_reloads(family, section):
 # --------------------------------------------------------------------------------------------
 # Tiny models trained on fsdp=8 and on one device.
 
-def _steps(family, mesh_overrides, devices=None, n=3):
-    cfg = config_lib.load("tiny", [*TINY[family], *mesh_overrides])
-    run = build(cfg, mesh=make_mesh(cfg.mesh, devices=devices))
-    pipeline, _ = run.task.pipelines(run.cfg, run.batch_shardings)
-    state = run.init_state()
-    losses = []
-    for step in range(n):
-        state, metrics = run.train_step(state, pipeline.batch(step), jax.random.key(0))
-        losses.append(float(metrics["loss"]))
-    return run, jax.device_get(state), losses
+def _steps(family, mesh_overrides, devices=None):
+    run = build_on([*TINY[family], *mesh_overrides], devices)
+    return run, *train_steps(run)
 
 
 @pytest.fixture(scope="module", params=["efficientnet", "regnet"])

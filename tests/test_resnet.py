@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from util import build_on, train_steps
 
 from jaxscale import config as config_lib
 from jaxscale import vision_config
@@ -37,7 +38,7 @@ TINY = ["model.name=resnet", "model.blocks=[1,1]", "model.width=8", "model.num_c
 def test_tables_are_keyed_by_the_config_choices():
     assert tuple(KINDS) == NORM_KINDS
     assert set(BLOCKS) == set(get_args(vision_config.ResNetBlock)) - {"auto"}
-    assert set(STEMS) == set(get_args(vision_config.ResNetStem))
+    assert set(STEMS) == set(get_args(vision_config.CNNStem))
     assert MODELS["resnet"] is ResNet
 
 
@@ -198,16 +199,9 @@ def test_resnet50_builds_under_the_auto_rules():
 # --------------------------------------------------------------------------------------------
 # A tiny ResNet trained on three meshes.
 
-def _steps(mesh_overrides, devices=None, n=3):
-    cfg = config_lib.load("tiny", [*TINY, *mesh_overrides])
-    run = build(cfg, mesh=make_mesh(cfg.mesh, devices=devices))  # the model model.name names
-    pipeline, _ = run.task.pipelines(run.cfg, run.batch_shardings)
-    state = run.init_state()
-    losses = []
-    for step in range(n):
-        state, metrics = run.train_step(state, pipeline.batch(step), jax.random.key(0))
-        losses.append(float(metrics["loss"]))
-    return run, jax.device_get(state), losses
+def _steps(mesh_overrides, devices=None):
+    run = build_on([*TINY, *mesh_overrides], devices)  # the model model.name names
+    return run, *train_steps(run)
 
 
 @pytest.fixture(scope="module")

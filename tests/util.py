@@ -58,3 +58,26 @@ def assert_trees_close(actual, desired, *, rtol: float = 1e-5, atol: float = 1e-
     assert tree == ref_tree
     for (path, a), (_, b) in zip(flat, ref_flat, strict=True):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=path_str(path))
+
+
+def build_on(overrides, devices=None, model=None):
+    """The `tiny` preset with `overrides`, built on its `mesh` over `devices` (default: all)."""
+    from jaxscale import config as config_lib
+    from jaxscale.core.mesh import make_mesh
+    from jaxscale.run.build import build
+
+    cfg = config_lib.load("tiny", list(overrides))
+    return build(cfg, model, mesh=make_mesh(cfg.mesh, devices=devices))
+
+
+def train_steps(run, n: int = 3):
+    """`n` steps of `run` from its initial state on its task's training batches, one fixed rng:
+    (the final state on the host, each step's loss)."""
+    import jax
+
+    pipeline, _ = run.task.pipelines(run.cfg, run.batch_shardings)
+    state, losses = run.init_state(), []
+    for step in range(n):
+        state, metrics = run.train_step(state, pipeline.batch(step), jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state), losses

@@ -48,7 +48,8 @@ def _dense(cfg: ModelConfig, features, axes, *, name, axis=-1, std=None, bias=No
     )
 
 
-def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+def norm_layer(cfg: ModelConfig, name: str) -> nn.Module:
+    """The block norm `cfg.norm` names (RMSNorm or LayerNorm), its parameters named "norm"."""
     common = dict(
         epsilon=cfg.norm_eps, dtype=dtype(cfg.dtype), param_dtype=dtype(cfg.param_dtype),
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), name=name,
@@ -299,12 +300,12 @@ class Block(nn.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         cfg = self.cfg
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
-        h_BTD = _norm(cfg, "attn_norm")(x_BTD)
+        h_BTD = norm_layer(cfg, "attn_norm")(x_BTD)
         x_BTD = x_BTD + Attention(cfg, self.deterministic, self.attention_fn, self.decode,
                                   name="attn")(
             h_BTD, positions_BT, segment_ids_BT
         )
-        h_BTD = _norm(cfg, "mlp_norm")(x_BTD)
+        h_BTD = norm_layer(cfg, "mlp_norm")(x_BTD)
         stats = None
         if self.moe:
             mlp_BTD, stats = MoeMlp(cfg, self.deterministic, name="moe")(h_BTD)
@@ -353,7 +354,8 @@ def _embed(cfg: ModelConfig, tokens_BT, positions_BT, deterministic: bool):
     return nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD), embed
 
 
-def _rematted(cfg: ModelConfig, cls):
+def rematted(cfg: ModelConfig, cls):
+    """The module class `cls` under `cfg.remat`'s policy (itself for remat=none)."""
     policy = remat.get_policy(cfg.remat)
     if policy is None:
         return cls
@@ -368,7 +370,7 @@ def _stack(cfg: ModelConfig, deterministic: bool, attention_fn: Callable | None,
     grouped = moe and cfg.moe.every_n_layers > 1
     keywords = {"decode": decode} if grouped else {"moe": moe, "decode": decode}
     stack = nn.scan(
-        _rematted(cfg, BlockGroup if grouped else Block),
+        rematted(cfg, BlockGroup if grouped else Block),
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
@@ -381,7 +383,7 @@ def _stack(cfg: ModelConfig, deterministic: bool, attention_fn: Callable | None,
 
 def _logits(cfg: ModelConfig, x_BTD, embed: nn.Embed | None = None):
     """The final norm and the vocabulary projection (the token embedding's, when tied)."""
-    x_BTD = _norm(cfg, "final_norm")(x_BTD)
+    x_BTD = norm_layer(cfg, "final_norm")(x_BTD)
     if cfg.tie_embeddings:
         embed = embed or nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=dtype(cfg.dtype),
@@ -431,7 +433,7 @@ class Decoder(nn.Module):
                                   positions_BT, segment_ids_BT, self.decode)
         else:
             per_layer = []
-            layer = _rematted(cfg, Block)
+            layer = rematted(cfg, Block)
             for i in range(cfg.num_layers):
                 is_moe = moe and (i + 1) % cfg.moe.every_n_layers == 0
                 x_BTD, layer_stats = layer(cfg, deterministic, self.attention_fn, moe=is_moe,

@@ -38,7 +38,7 @@ from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
 from jaxscale.errors import ConfigError
 from jaxscale.models.conv import head
-from jaxscale.models.decoder import Attention, Mlp, _norm, _rematted, reference_attention
+from jaxscale.models.decoder import Attention, Mlp, norm_layer, reference_attention, rematted
 from jaxscale.vision_config import ViTConfig
 
 TOKENS = ("batch", "length", "act_embed")  # logical names of an activation x_BTD
@@ -225,10 +225,10 @@ class Block(nn.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cfg, det = self.cfg, self.deterministic
         x_BTD = constrain(x_BTD, TOKENS)
-        h_BTD = _norm(cfg, "attn_norm")(x_BTD)
+        h_BTD = norm_layer(cfg, "attn_norm")(x_BTD)
         h_BTD = Attention(cfg, det, bidirectional_attention, name="attn")(h_BTD, None, None)
         x_BTD = x_BTD + DropPath(self.drop_path, det, name="attn_drop_path")(h_BTD)
-        h_BTD = Mlp(cfg, det, name="mlp")(_norm(cfg, "mlp_norm")(x_BTD))
+        h_BTD = Mlp(cfg, det, name="mlp")(norm_layer(cfg, "mlp_norm")(x_BTD))
         x_BTD = x_BTD + DropPath(self.drop_path, det, name="mlp_drop_path")(h_BTD)
         return constrain(x_BTD, TOKENS)
 
@@ -261,11 +261,11 @@ class ViT(nn.Module):
         x_BTD = constrain(x_BTD, TOKENS)
         x_BTD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BTD)
         dcfg = decoder_config(cfg)
-        block = _rematted(dcfg, Block)
+        block = rematted(dcfg, Block)
         for i, rate in enumerate(drop_rates(cfg)):
             x_BTD = block(dcfg, rate, not train, name=f"block_{i}")(x_BTD)
         # big_vision's order: the final norm over every token, then the pool.
-        x_BTD = _norm(dcfg, "final_norm")(x_BTD)
+        x_BTD = norm_layer(dcfg, "final_norm")(x_BTD)
         x_BD = constrain(POOLS[cfg.pool](x_BTD), ("batch", "act_embed"))
         return head(cfg, x_BD)
 
