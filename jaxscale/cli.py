@@ -17,6 +17,9 @@
     jaxscale convert jaxscale-to-hf RUN_OR_CKPT_DIR OUT_DIR [--max-shard-bytes B]
         [--cpu-devices N]
     jaxscale plot WORKDIR
+    jaxscale sweep SPEC --dir SWEEP_DIR [--workers N] [--executor local|ray|slurm] [--dry-run]
+        [key=value ...]
+    jaxscale fit (SWEEP_DIR | --csv POINTS.csv) [--budget C] [--json OUT.json] [--plots DIR]
 
 Flags and ``key=value`` overrides mix in any order after the subcommand
 (``jaxscale train steps=5 --cpu-devices 8 workdir=x``). A bad command line (an unknown flag, a
@@ -450,7 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir")
     p.add_argument("--out", default=None, help="PNG path (default: WORKDIR/loss.png)")
     p.set_defaults(func=cmd_plot, parser=p)
-    for p in (train, show, inspect, plan, generate, ttc, to_jaxscale):
+    from jaxscale.scaling import fit, sweep
+
+    sweeps = sweep.add_parser(sub)
+    fit.add_parser(sub)
+    for p in (train, show, inspect, plan, generate, ttc, to_jaxscale, sweeps):
         _show_overrides_in_usage(p)
     return parser
 

@@ -1,0 +1,5 @@
+"""Scaling laws: plan sweeps of model size against data, and fit laws to their final losses.
+
+`fit` reads a sweep's (or a CSV's) points and fits L(N, D) (Chinchilla approaches 2 and 3);
+`plots` draws the fits. Import the submodules directly.
+"""
