@@ -145,6 +145,11 @@ def test_read_sweep(tmp_path):
     assert skipped == ["n4m"]
     total, _ = fit.read_sweep(tmp_path, params="total")
     assert [p.N for p in total] == [1.5e6, 2.5e6]
+    # An isoflop sweep's manifest gives the planned budget as C, not the run's train_flops.
+    (tmp_path / "manifest.json").write_text(json.dumps({"points": [
+        {"name": "n1m", "budget": 1e14}, {"name": "n2m", "budget": None}]}))
+    assert [p.C for p in fit.read_sweep(tmp_path)[0]] == [1e14, 2.4e14]
+    (tmp_path / "manifest.json").unlink()
     with pytest.raises(ConfigError) as e:
         fit.read_sweep(tmp_path, params="totals")
     assert str(e.value) == ("params='totals' is not valid; choose one of: non_embedding, total "

@@ -76,6 +76,7 @@ def test_isoflop_steps_from_6nd_and_small_points_dropped():
         ("C=4e+09-d_model=32-d_ff=96", 20)]
     assert s.points[1].overrides[-3:] == ("steps=284", "eval_every=284", "checkpoint.every=71")
     assert s.points[1].flops == pytest.approx(2e11, rel=2e-3)
+    assert [p.budget for p in s.points] == [2e11, 2e11, 4e9]  # what `jaxscale fit` groups by
     assert s.notes == ("dropped C=4e+09-d_model=64-d_ff=192: 6 steps < min_steps=10",)
     grid_sizes = sweep.expand({"base": "tiny", "overrides": common, "isoflop": {
         "budgets": [2e11], "sizes": {"model.d_model": [32, 64], "model.d_ff": [96]}}})

@@ -91,6 +91,10 @@ def read_sweep(sweep_dir: str | os.PathLike,
       sweep_dir: the folder whose subfolders are the runs' workdirs.
       params: "non_embedding" or "total": the parameter count taken as N.
 
+    C is a run's `train_flops`, or, for the points of an isoflop sweep, the budget its
+    manifest.json planned: the runs of one budget differ in train_flops by the attention FLOPs
+    and the rounding of their steps (a few percent), not in the budget they were sized for.
+
     Returns:
       (points, skipped): the finished runs, and the names of those with no final eval loss.
 
@@ -103,6 +107,9 @@ def read_sweep(sweep_dir: str | os.PathLike,
     summaries = sorted(pathlib.Path(sweep_dir).glob("*/summary.json"))
     if not summaries:
         raise ConfigError(f"{sweep_dir}: no */summary.json; is it a folder of run workdirs?")
+    manifest = pathlib.Path(sweep_dir) / "manifest.json"
+    budgets = ({p["name"]: p.get("budget") for p in json.loads(manifest.read_text())["points"]}
+               if manifest.is_file() else {})
     points, skipped, seen = [], [], {}
     for summary_path in summaries:
         run = summary_path.parent
@@ -120,7 +127,8 @@ def read_sweep(sweep_dir: str | os.PathLike,
             skipped.append(run.name)
             continue
         points.append(Point(N=float(summary[f"params_{params}"]),
-                            D=float(summary["tokens_seen"]), C=float(summary["train_flops"]),
+                            D=float(summary["tokens_seen"]),
+                            C=float(budgets.get(run.name) or summary["train_flops"]),
                             loss=float(summary["final_eval_loss"]), name=run.name))
     return points, skipped
 

@@ -73,6 +73,7 @@ class Point:
     overrides: tuple[str, ...]  # everything given to `jaxscale train` after --config, in order
     steps: int  # planned optimizer steps: the point is done when summary.json records them
     flops: float | None  # 6ND training FLOPs (decoder models; None for others)
+    budget: float | None = None  # an isoflop point's planned C, which `jaxscale fit` groups by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +249,7 @@ def _expand_isoflop(spec: dict, base: str, common: list[str]) -> Sweep:
         plan = [f"steps={steps}", f"eval_every={steps}", f"checkpoint.every={max(1, steps // 4)}"]
         _load_point(base, common + size + plan, len(points) + 1, size + plan)
         points.append(Point(name, tuple(size), tuple(common + size + plan), steps,
-                            flops * steps))
+                            flops * steps, float(budget)))
     if not points:
         raise ConfigError(f"sweep spec: every isoflop point has fewer than min_steps={min_steps} "
                           "steps; raise the budgets or shrink the sizes")
@@ -320,7 +321,8 @@ class Manifest:
             last = before.get(p.name, {}) if done else {}
             self.doc["points"].append({
                 "name": p.name, "overrides": list(p.overrides), "workdir": str(sweep_dir / p.name),
-                "steps": p.steps, "flops": p.flops, "status": "done" if done else "pending",
+                "steps": p.steps, "flops": p.flops, "budget": p.budget,
+                "status": "done" if done else "pending",
                 "exit_code": last.get("exit_code"), "error_tail": "", "wall_s": last.get("wall_s")})
         self.write()
 
