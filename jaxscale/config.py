@@ -155,9 +155,10 @@ MODEL_CONFIGS: dict[str, type] = {"decoder": ModelConfig, "decoder_nnx": ModelCo
 
 
 def model_configs() -> dict[str, type]:
-    """`MODEL_CONFIGS` with the built-in image models' sections (`jaxscale.vision_config`, which
-    imports this module and so registers itself on first use)."""
+    """`MODEL_CONFIGS` with the built-in image models' sections (`jaxscale.vision_config` and
+    `jaxscale.zoo_config`, which import this module and so register themselves on first use)."""
     import jaxscale.vision_config  # noqa: F401
+    import jaxscale.zoo_config  # noqa: F401
 
     return MODEL_CONFIGS
 

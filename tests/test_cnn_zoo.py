@@ -18,7 +18,7 @@ from jaxscale.models import densenet, googlenet
 from jaxscale.models.densenet import DenseNet
 from jaxscale.models.googlenet import GoogLeNet
 from jaxscale.models.vgg import VGG, adaptive_weights
-from jaxscale.vision_config import DenseNetConfig, GoogLeNetConfig, VGGConfig
+from jaxscale.zoo_config import DenseNetConfig, GoogLeNetConfig, VGGConfig
 
 OPTIM = ["data.source=synthetic", "batch_size=16", "optim.name=sgd", "optim.lr=0.05",
          "optim.momentum=0.9", "optim.weight_decay=0", "optim.clip_norm=0",

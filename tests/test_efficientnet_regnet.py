@@ -14,11 +14,11 @@ import pytest
 from util import build_on, train_steps
 
 from jaxscale import config as config_lib
-from jaxscale import vision_config
+from jaxscale import vision_config, zoo_config
 from jaxscale.models import MODELS, build_model
 from jaxscale.models.efficientnet import EfficientNet, MBConv, SqueezeExcite
 from jaxscale.models.regnet import RegNet
-from jaxscale.vision_config import EfficientNetConfig, RegNetConfig
+from jaxscale.zoo_config import EfficientNetConfig, RegNetConfig
 
 TRAIN = ["task.name=classify", "task.num_classes=4", "model.num_classes=4",
          "data.source=synthetic", "batch_size=16", "optim.name=sgd", "optim.lr=0.05",
@@ -45,12 +45,12 @@ def _param_count(model, size: int) -> int:
 def test_registry_and_tables():
     assert isinstance(MODELS["efficientnet"](EfficientNetConfig()), EfficientNet)
     assert isinstance(MODELS["regnet"](RegNetConfig()), RegNet)
-    assert vision_config.SECTIONS["efficientnet"] is EfficientNetConfig
-    assert vision_config.SECTIONS["regnet"] is RegNetConfig
-    assert set(vision_config.EFFICIENTNET_VARIANTS) == set(
-        get_args(vision_config.EfficientNetVariant))
-    assert set(vision_config.REGNET_VARIANTS) == set(get_args(vision_config.RegNetVariant))
-    assert set(vision_config.STEM_STRIDES) == set(get_args(vision_config.CNNStem))
+    assert zoo_config.SECTIONS["efficientnet"] is EfficientNetConfig
+    assert zoo_config.SECTIONS["regnet"] is RegNetConfig
+    assert set(zoo_config.EFFICIENTNET_VARIANTS) == set(
+        get_args(zoo_config.EfficientNetVariant))
+    assert set(zoo_config.REGNET_VARIANTS) == set(get_args(zoo_config.RegNetVariant))
+    assert set(zoo_config.STEM_STRIDES) == set(get_args(vision_config.CNNStem))
 
 
 # torchvision's counts (efficientnet_b*, regnet_*): the models' layouts and rounding, exactly.
@@ -85,7 +85,7 @@ def test_efficientnet_stage_tables():
     # Each stage's input is the previous stage's output (the stem's for the first).
     assert [s[3] for s in b4.stages] == [48, 24, 32, 56, 112, 160, 272]
     assert (b4.resolution, b4.head_dropout) == (380, 0.4)
-    assert vision_config.round_filters(10.0) == 16  # 8 would lose 20%: one multiple up
+    assert zoo_config.round_filters(10.0) == 16  # 8 would lose 20%: one multiple up
 
 
 def test_regnet_width_rule():

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from jaxscale import config as config_lib
-from jaxscale.analysis import hlo
+from jaxscale.analysis import hlo, roofline
 from jaxscale.analysis import plan as plan_lib
 from jaxscale.core import pipeline
 from jaxscale.errors import ConfigError
@@ -22,7 +22,7 @@ def _cfg(*overrides):
 
 
 def test_candidates_respect_divisibility():
-    h100 = plan_lib.TARGETS["h100"]
+    h100 = roofline.TARGETS["h100"]
     got = {(c.strategy, c.label) for c in plan_lib.candidates(_cfg(), 8, h100, ("full",))}
     # kv heads = 2 limits tensor parallelism to 2; one node of 8 leaves no room for hsdp; two
     # layers leave two pipeline stages
@@ -35,7 +35,7 @@ def test_candidates_respect_divisibility():
 
 
 def test_comm_model_ring_factors_links_and_sliced_all_reduce():
-    t = plan_lib.Target("t", 1e12, 1e9, devices_per_node=4, intra_bw=100.0, inter_bw=10.0,
+    t = roofline.Target("t", 1e12, 1e9, devices_per_node=4, intra_bw=100.0, inter_bw=10.0,
                         fused_attention=True)
     inside = ((0, 1, 2, 3),)
     across = ((0, 4),)
@@ -47,18 +47,18 @@ def test_comm_model_ring_factors_links_and_sliced_all_reduce():
         (hlo.Collective("collective-permute", "e", 50, 2, across, trips=3), 3 * 50 / 10),
     ]
     for c, expected in cases:
-        assert plan_lib.comm_seconds([c], t)[0] == pytest.approx(expected), c.name
-    total, by_kind = plan_lib.comm_seconds([c for c, _ in cases], t)
+        assert roofline.comm_seconds([c], t)[0] == pytest.approx(expected), c.name
+    total, by_kind = roofline.comm_seconds([c for c, _ in cases], t)
     assert total == pytest.approx(sum(e for _, e in cases))
     assert by_kind["all-reduce"] == 800 and by_kind["collective-permute"] == 150
 
 
 def test_compute_model_counts_the_recompute():
     cfg = config_lib.load("llama-8b")
-    t = plan_lib.TARGETS["h100"]
-    none, model_s = plan_lib.compute_seconds(cfg, "none", 64, t)
-    minimal, _ = plan_lib.compute_seconds(cfg, "minimal", 64, t)
-    full, _ = plan_lib.compute_seconds(cfg, "full", 64, t)
+    t = roofline.TARGETS["h100"]
+    none, model_s = roofline.compute_seconds(cfg, "none", 64, t)
+    minimal, _ = roofline.compute_seconds(cfg, "minimal", 64, t)
+    full, _ = roofline.compute_seconds(cfg, "full", 64, t)
     assert none == pytest.approx(model_s)
     assert model_s < minimal < full < 4 / 3 * model_s
     # 256 x 8192 tokens x 51.47 GFLOP/token over 64 x 989 TFLOP/s
@@ -171,7 +171,7 @@ def test_llama_8b_on_64_h100s_plans_within_minutes():
 
 
 def test_sparse_and_long_models_get_expert_and_sequence_candidates():
-    h100 = plan_lib.TARGETS["h100"]
+    h100 = roofline.TARGETS["h100"]
     moe = _cfg("model.moe.num_experts=4", "model.moe.top_k=2")
     got = {(c.strategy, c.label) for c in plan_lib.candidates(moe, 8, h100, ("full",))}
     assert {("ep", "fsdp=4 x expert=2"), ("ep", "fsdp=2 x expert=4")} <= got
@@ -189,7 +189,7 @@ def test_sparse_and_long_models_get_expert_and_sequence_candidates():
 def test_expert_and_ring_candidates_are_priced_by_their_exchanges():
     """The ep candidate's step holds all-to-alls over the expert axis, the cp candidate's the
     ring's collective-permutes; both are costed in the comm time."""
-    h100 = plan_lib.TARGETS["h100"]
+    h100 = roofline.TARGETS["h100"]
     moe = _cfg("model.moe.num_experts=4", "model.moe.top_k=2")
     ep = next(c for c in plan_lib.candidates(moe, 8, h100, ("full",)) if c.strategy == "ep")
     est = plan_lib.evaluate(moe, ep, 8, h100, 1e12)
@@ -204,7 +204,7 @@ def test_expert_and_ring_candidates_are_priced_by_their_exchanges():
 def test_pipeline_candidates_split_the_layers_and_the_batch():
     """Stages 2, 4, 8 dividing the layers and devices, fsdp the rest, 1f1b with the most
     microbatches (of 4S, 2S, S) whose sequences the fsdp devices share evenly."""
-    h100 = plan_lib.TARGETS["h100"]
+    h100 = roofline.TARGETS["h100"]
     cands = plan_lib.candidates(_cfg("model.num_layers=8"), 8, h100, ("full", "none"))
     pp = {c.label: c for c in cands if c.strategy == "pp"}
     assert set(pp) == {"stage=2 x fsdp=4", "stage=4 x fsdp=2", "stage=8"}
@@ -235,13 +235,13 @@ def test_pipeline_estimate_stretches_the_compute_by_the_bubble():
     """A bfloat16 pp candidate (2 stages x fsdp 4, 4 microbatches) compiles; its bubble is the
     schedule's, its compute waits out the bubble, and its backward recomputes the stage."""
     cfg = _cfg("model.dtype=bfloat16")
-    h100 = plan_lib.TARGETS["h100"]
+    h100 = roofline.TARGETS["h100"]
     pp = next(c for c in plan_lib.candidates(cfg, 8, h100, ("full",)) if c.strategy == "pp")
     est = plan_lib.evaluate(cfg, pp, 8, h100, 1e12)
     assert est.fits and pp.microbatches == 4 and est.compute_s > 0
     assert est.bubble == pytest.approx(pipeline.bubble_formula(2, 4, 1)) == pytest.approx(0.2)
     assert est.step_s >= est.compute_s / (1 - est.bubble) - 1e-15
-    unpipelined, model_s = plan_lib.compute_seconds(cfg, "full", 8, h100)
+    unpipelined, model_s = roofline.compute_seconds(cfg, "full", 8, h100)
     assert est.compute_s > unpipelined and est.model_s == model_s  # the stage forward, again
     # the stage-to-stage sends are the tick loop's collective-permutes, priced once
     assert 0 < est.stage_bytes <= est.collective_bytes["collective-permute"]
@@ -301,7 +301,7 @@ def test_pipeline_trips_count_the_layers_in_the_ticks_that_run_them():
     assert table.ticks == 6 and (table.code[:, 0] == pipeline.FORWARD).sum() == 2
     found = hlo.collectives(PIPELINED, 8)
     assert {c.name: c.trips for c in found} == {"all-gather.1": 3, "permute.6": 6}
-    counted = {c.name: c.trips for c in plan_lib.pipeline_trips(PIPELINED, found, table)}
+    counted = {c.name: c.trips for c in roofline.pipeline_trips(PIPELINED, found, table)}
     assert counted == {"all-gather.1": 3 * 2, "permute.6": 6}  # 3 layers x 2 forward ticks
 
 
@@ -313,13 +313,13 @@ def test_vit_candidates_and_recompute():
     from jaxscale.models.vit import forward_macs
 
     cfg = config_lib.load("vit-digits", ["batch_size=16"])
-    h100 = plan_lib.TARGETS["h100"]
+    h100 = roofline.TARGETS["h100"]
     got = {(c.strategy, c.label) for c in plan_lib.candidates(cfg, 8, h100, ("full",))}
     # 4 heads, an MLP of 128 and 10 classes: tensor=2 only; no experts, sequence or stages
     assert got == {("dp", "data=8"), ("fsdp", "fsdp=8"), ("fsdp_tp", "fsdp=4 x tensor=2")}
     per_example = 6 * forward_macs(cfg.model, (16, 16, 1))
-    none, model_s = plan_lib.compute_seconds(cfg, "none", 8, h100, flops_per_example=per_example)
-    full, _ = plan_lib.compute_seconds(cfg, "full", 8, h100, flops_per_example=per_example)
+    none, model_s = roofline.compute_seconds(cfg, "none", 8, h100, flops_per_example=per_example)
+    full, _ = roofline.compute_seconds(cfg, "full", 8, h100, flops_per_example=per_example)
     assert none == model_s == pytest.approx(16 * per_example / 8 / 989e12)
     # full remat reruns each block's q/k/v, attention (bidirectional: both halves), out and
     # MLP-in matmuls for the 16 patch tokens (mean-pooled: no class token)

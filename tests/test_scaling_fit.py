@@ -11,7 +11,7 @@ import yaml
 from scipy import optimize
 
 from jaxscale.errors import ConfigError
-from jaxscale.scaling import fit
+from jaxscale.scaling import fit, report
 from jaxscale.scaling.plots import plot_all
 
 TRUE = dict(E=1.7, A=400.0, alpha=0.34, B=410.0, beta=0.28)
@@ -177,19 +177,19 @@ def test_suggest_shape_hits_the_target():
 
 
 def test_to_json_and_report(law, iso):
-    out = fit.to_json(law, iso, budget=1e21)
+    out = report.to_json(law, iso, budget=1e21)
     assert set(out) == {"E", "A", "alpha", "B", "beta", "E_ci", "A_ci", "alpha_ci", "B_ci",
                         "beta_ci", "isoflop_a", "budget", "N_opt", "D_opt", "N_opt_ci",
                         "D_opt_ci"}
     assert out["alpha"] == law.alpha and out["isoflop_a"] == iso.a
     assert (out["N_opt"], out["D_opt"]) == law.optimum(1e21)
     assert json.loads(json.dumps(out)) == out
-    assert set(fit.to_json(law, None)) == {"E", "A", "alpha", "B", "beta", "E_ci", "A_ci",
-                                           "alpha_ci", "B_ci", "beta_ci", "isoflop_a"}
-    report = fit.format_report(law, iso, 1e21)
-    assert f"alpha = {law.alpha:.4g}" in report
-    assert f"N_opt = {law.optimum(1e21)[0]:.3g}" in report
-    assert f"isoflop: N_opt ∝ C^{iso.a:.3f}" in report
+    assert set(report.to_json(law, None)) == {"E", "A", "alpha", "B", "beta", "E_ci", "A_ci",
+                                              "alpha_ci", "B_ci", "beta_ci", "isoflop_a"}
+    text = report.format_report(law, iso, 1e21)
+    assert f"alpha = {law.alpha:.4g}" in text
+    assert f"N_opt = {law.optimum(1e21)[0]:.3g}" in text
+    assert f"isoflop: N_opt ∝ C^{iso.a:.3f}" in text
 
 
 def test_plots_are_pngs(tmp_path, points, law, iso):
@@ -204,7 +204,7 @@ def test_cli_fit_from_csv(tmp_path, points, capsys):
     path = tmp_path / "points.csv"
     path.write_text("N,D,C,loss\n" + "".join(f"{p.N},{p.D},{p.C},{p.loss}\n" for p in points))
     parser = argparse.ArgumentParser()
-    fit.add_parser(parser.add_subparsers())
+    report.add_parser(parser.add_subparsers())
     args = parser.parse_args(["fit", "--csv", str(path), "--json", str(tmp_path / "fit.json"),
                               "--budget", "1e21", "--bootstrap", "20", "--vocab-size", "32000",
                               "--seq-len", "2048"])

@@ -51,7 +51,8 @@ def _lazy(module: str, name: str) -> Callable[[Any], Any]:
 
 
 # model.name -> factory(model config) -> a Linen module, an NNX module factory or an adapter.
-# The image models' sections are jaxscale.vision_config.SECTIONS, keyed by the same names.
+# The image models' sections are jaxscale.vision_config.SECTIONS and jaxscale.zoo_config.SECTIONS,
+# keyed by the same names.
 MODELS: dict[str, Callable[[Any], Any]] = {
     "decoder": Decoder,
     "decoder_nnx": _decoder_nnx,

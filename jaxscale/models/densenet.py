@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
 from jaxscale.models.conv import IMAGE, conv, head, mean_pool, norm
-from jaxscale.vision_config import DenseNetConfig
+from jaxscale.zoo_config import DenseNetConfig
 
 
 class DenseLayer(nn.Module):

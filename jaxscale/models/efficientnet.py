@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
 from jaxscale.models.conv import HE_INIT, IMAGE, conv, head, mean_pool, norm
-from jaxscale.vision_config import STEM_STRIDES, EfficientNetConfig
+from jaxscale.zoo_config import STEM_STRIDES, EfficientNetConfig
 
 SE_RATIO = 0.25  # squeeze channels / the MBConv block's input channels
 

@@ -6,7 +6,7 @@ training).
 The branch the paper calls "5x5" is a 3x3 conv by default, as in torchvision's GoogLeNet (whose
 ported weights have 3x3 kernels there; 6,624,904 parameters at 1000 classes); `model.wide_kernel=5`
 gives the paper's 5x5. The channels of the inception blocks 3a..5b are the paper's table 1
-(`jaxscale.vision_config.GOOGLENET_BLOCKS`): an inception block concatenates a 1x1 branch, a 1x1
+(`jaxscale.zoo_config.GOOGLENET_BLOCKS`): an inception block concatenates a 1x1 branch, a 1x1
 reduce then 3x3 branch, a 1x1 reduce then "5x5" branch and a 3x3 stride-1 max-pool then 1x1
 projection branch (3a: 64 + 128 + 32 + 32 = 256 channels; 5b: 1024).
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
 from jaxscale.models.conv import IMAGE, conv, head, mean_pool, norm
-from jaxscale.vision_config import GOOGLENET_STAGES, GOOGLENET_STEM, GoogLeNetConfig
+from jaxscale.zoo_config import GOOGLENET_STAGES, GOOGLENET_STEM, GoogLeNetConfig
 
 
 def _max_pool_3x3(x_BHWC: jax.Array, strides: int) -> jax.Array:

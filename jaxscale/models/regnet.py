@@ -25,7 +25,7 @@ from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
 from jaxscale.models.conv import IMAGE, conv, head, mean_pool, norm
 from jaxscale.models.efficientnet import SqueezeExcite
-from jaxscale.vision_config import REGNET_STEM, STEM_STRIDES, RegNetConfig
+from jaxscale.zoo_config import REGNET_STEM, STEM_STRIDES, RegNetConfig
 
 
 class RegNetBlock(nn.Module):

@@ -27,7 +27,7 @@ from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
 from jaxscale.errors import ConfigError
 from jaxscale.models.conv import IMAGE, conv, dense, head, norm
-from jaxscale.vision_config import VGGConfig
+from jaxscale.zoo_config import VGGConfig
 
 
 def adaptive_weights(size: int, out: int) -> np.ndarray:

@@ -398,10 +398,10 @@ def write_slurm(sweep: Sweep, jobs: list[tuple[int, list[str]]], sweep_dir: path
     exits 4; rerun the sweep to resubmit what is not done."""
     lines = [f"{shlex.join(cmd)} >> {shlex.quote(str(sweep_dir / sweep.points[i].name))}"
              f"/train.log 2>&1" for i, cmd in jobs]
-    (sweep_dir / "points.txt").write_text("".join(line + "\n" for line in lines))
+    write_atomic(sweep_dir / "points.txt", "".join(line + "\n" for line in lines).encode())
     gpus = f"#SBATCH --gpus-per-task={args.gpus_per_point}\n" if args.gpus_per_point else ""
     script = sweep_dir / "sweep.sbatch"
-    script.write_text(
+    write_atomic(script, (
         "#!/usr/bin/env bash\n"
         f"# {len(jobs)} points of the sweep {sweep_dir}: array task k runs line k+1 of "
         "points.txt.\n"
@@ -414,7 +414,7 @@ def write_slurm(sweep: Sweep, jobs: list[tuple[int, list[str]]], sweep_dir: path
         "set -euo pipefail\n"
         'cd "${SLURM_SUBMIT_DIR:-.}"\n'
         f'eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" '
-        f'{shlex.quote(str((sweep_dir / "points.txt").resolve()))})"\n')
+        f'{shlex.quote(str((sweep_dir / "points.txt").resolve()))})"\n').encode())
     return script
 
 
