@@ -1,14 +1,19 @@
 """Sweeps: spec expansion and its errors, the manifest, the local, Ray and SLURM executors, and
-resuming a sweep (finished points skipped, an interrupted one continued from its checkpoint)."""
+resuming a sweep (finished points skipped, an interrupted one continued from its checkpoint),
+also after a kill -9 of the sweep process."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
+import re
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -271,3 +276,60 @@ def test_ray_matches_local_bitwise(tmp_path, point_env):
         local, remote = _summary(tmp_path / "local", name), _summary(tmp_path / "ray", name)
         assert (remote["final_loss"], remote["final_eval_loss"]) == (
             local["final_loss"], local["final_eval_loss"])
+
+
+def _processes_in(path: pathlib.Path) -> list[int]:
+    """Pids of the live processes whose command line names `path` (Linux /proc)."""
+    pids = []
+    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            if str(path).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+def test_kill_9_of_the_sweep_process(tmp_path, point_env):
+    """`kill -9` of a running `jaxscale sweep` takes its training point down with it; the rerun
+    skips the finished point and resumes the interrupted one from its checkpoint to the same
+    final state as an uninterrupted sweep, bitwise."""
+    long_run = [o for o in TINY_RUN if not o.startswith("steps=")] + ["steps=150"]
+    spec = _write_spec(tmp_path, {"base": "tiny", "overrides": long_run,
+                                  "points": [["seed=0", "steps=4"], ["seed=1"]]})
+    cli = [sys.executable, "-m", "jaxscale.cli", "sweep", spec, "--workers", "1", "--dir"]
+    d = tmp_path / "killed"
+    proc = subprocess.Popen([*cli, str(d)], cwd=tmp_path, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    def saved() -> bool:  # a committed checkpoint (orbax writes under a temporary name)
+        return any(p.name.isdigit() for p in (d / "seed=1" / "checkpoints").glob("*"))
+
+    while not ((d / "seed=0-steps=4" / "summary.json").is_file() and saved()):
+        assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before the kill"
+        time.sleep(0.05)
+    assert len(_processes_in(d / "seed=1")) == 1  # the point's `jaxscale train`
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for _ in range(100):  # the death signal is asynchronous
+        if not _processes_in(d / "seed=1"):
+            break
+        time.sleep(0.05)
+    assert _processes_in(d / "seed=1") == []
+    assert not (d / "seed=1" / "summary.json").exists()
+    log0 = (d / "seed=0-steps=4" / "train.log").read_text()
+
+    rerun = subprocess.run([*cli, str(d)], cwd=tmp_path, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "sweep: 1 of 2 points already done" in rerun.stderr
+    assert (d / "seed=0-steps=4" / "train.log").read_text() == log0
+    resumed = re.search(r"checkpoint: resumed from step (\d+)",
+                        (d / "seed=1" / "train.log").read_text())
+    assert resumed and 0 < int(resumed.group(1)) < 150
+    reference = subprocess.run([*cli, str(tmp_path / "ref")], cwd=tmp_path, capture_output=True)
+    assert reference.returncode == 0
+    for name in ("seed=0-steps=4", "seed=1"):
+        killed, ref = _summary(d, name), _summary(tmp_path / "ref", name)
+        assert (killed["final_loss"], killed["final_eval_loss"]) == (
+            ref["final_loss"], ref["final_eval_loss"])

@@ -125,6 +125,10 @@ def read_sweep(sweep_dir: str | os.PathLike,
         if summary["final_eval_loss"] is None:
             skipped.append(run.name)
             continue
+        if "tokens_seen" not in summary:
+            raise ConfigError(f"run {run.name!r} counts examples, not tokens: L(N, D) is a "
+                              f"language model's law; for image models sweep model.scale and "
+                              f"fit --compound")
         points.append(Point(N=float(summary[f"params_{params}"]),
                             D=float(summary["tokens_seen"]),
                             C=float(budgets.get(run.name) or summary["train_flops"]),

@@ -1,5 +1,6 @@
-"""PNGs of the scaling-law fits: loss against compute with the law's compute-optimal frontier,
-the IsoFLOP parabolas, and the law's residuals (matplotlib, imported when plotting)."""
+"""PNGs of the scaling fits: loss against compute with the law's compute-optimal frontier, the
+IsoFLOP parabolas and the law's residuals; for a compound-scaling sweep, the metric against
+compute per direction (matplotlib, imported when plotting)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxscale.scaling.compound import CompoundFit
 from jaxscale.scaling.fit import IsoFlopFit, LawFit, Point
 
 
@@ -25,6 +27,15 @@ def _save(fig: Any, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_all(points: Sequence[Point], law: LawFit, iso: IsoFlopFit | None,
              out_dir: str | os.PathLike) -> list[pathlib.Path]:
     """Write loss_vs_compute.png, isoflop.png (when there is an IsoFLOP fit) and residuals.png
@@ -33,11 +44,7 @@ def plot_all(points: Sequence[Point], law: LawFit, iso: IsoFlopFit | None,
     Raises:
       ImportError: matplotlib is not installed (pip install 'jaxscale[plot]').
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     C_P = np.array([p.C for p in points])
@@ -82,3 +89,31 @@ def plot_all(points: Sequence[Point], law: LawFit, iso: IsoFlopFit | None,
     ax.grid(alpha=0.3)
     written.append(_save(fig, out_dir / "residuals.png"))
     return written
+
+
+def plot_compound(fit: CompoundFit, out_dir: str | os.PathLike) -> pathlib.Path:
+    """Write compound.png to `out_dir`: each direction's runs and line against C, and the
+    common budget they are compared at; returns its path.
+
+    Raises:
+      ImportError: matplotlib is not installed (pip install 'jaxscale[plot]').
+    """
+    plt = _pyplot()
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scale = 100 if fit.metric == "accuracy" else 1
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = plt.cm.tab10(np.arange(len(fit.directions)))
+    for d, color in zip(fit.directions, colors, strict=True):
+        C_P = np.array([r.C for r in d.runs])
+        ax.scatter(C_P, [scale * r.metric(fit.metric) for r in d.runs], color=color, s=24)
+        C_grid = np.geomspace(C_P.min(), C_P.max(), 20)
+        ax.plot(C_grid, [scale * d.at(C) for C in C_grid], color=color,
+                label=f"{d.name}: {scale * d.slope:+.3g} per doubling")
+    ax.axvline(fit.common_C, color="gray", linestyle=":", label=f"C = {fit.common_C:.3g}")
+    ax.set(xscale="log", xlabel="training FLOPs C",
+           ylabel="final eval accuracy (%)" if fit.metric == "accuracy" else "final eval loss",
+           title=f"compound scaling: best at equal C is {fit.best}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, out_dir / "compound.png")

@@ -1,6 +1,10 @@
-"""`jaxscale fit`: the fits of `scaling.fit` as a report, JSON and plots.
+"""`jaxscale fit`: the fits of `scaling.fit` (or, for a compound-scaling sweep, of
+`scaling.compound`) as a report, JSON and plots.
 
     jaxscale fit (SWEEP_DIR | --csv POINTS.csv) [--budget C] [--json OUT.json] [--plots DIR]
+    jaxscale fit SWEEP_DIR [--compound] [--metric accuracy|loss] [--json OUT.json]
+
+A sweep whose runs set model.scale.phi > 0 is fitted as compound scaling without --compound.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import yaml
 
 from jaxscale.data.shards import write_atomic
 from jaxscale.errors import ConfigError
+from jaxscale.scaling import compound
 from jaxscale.scaling.fit import (
     PARAMS,
     IsoFlopFit,
@@ -90,6 +95,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="where the PNGs go (default: SWEEP_DIR, or the CSV's folder)")
     p.add_argument("--params", choices=PARAMS, default="non_embedding", help="N of a sweep")
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for the intervals")
+    p.add_argument("--compound", action="store_true",
+                   help="fit the metric against FLOPs per model.scale direction (the default "
+                        "for a sweep whose runs set model.scale.phi > 0)")
+    p.add_argument("--metric", choices=compound.METRICS, default="accuracy",
+                   help="compound: final eval accuracy or loss (default: accuracy)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="for the suggested shape (default: the sweep's model.vocab_size)")
     p.add_argument("--seq-len", type=int, default=None,
@@ -112,6 +122,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if (args.sweep_dir is None) == (args.csv is None):
         raise ConfigError("fit takes a SWEEP_DIR or --csv POINTS.csv (one of the two)")
+    if args.sweep_dir and (args.compound or compound.is_compound_sweep(args.sweep_dir)):
+        return _fit_compound(args)
     vocab_size, seq_len = args.vocab_size, args.seq_len
     if args.csv:
         points, folder = read_csv(args.csv), pathlib.Path(args.csv).parent
@@ -138,4 +150,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
                      (json.dumps(to_json(law, iso, args.budget, shape), indent=2) + "\n").encode())
     for path in plot_all(points, law, iso, args.plots or folder):
         print(f"wrote {path}")
+    return 0
+
+
+def _fit_compound(args: argparse.Namespace) -> int:
+    """`jaxscale fit` of a compound-scaling sweep: a line per direction, report, JSON, plot."""
+    from jaxscale.scaling.plots import plot_compound
+
+    if args.budget is not None:
+        raise ConfigError("--budget sizes a language model's N and D from L(N, D); a "
+                          "compound-scaling sweep is compared at the C its directions share")
+    runs, skipped = compound.read_compound(args.sweep_dir)
+    if skipped:
+        print(f"skipped (no final eval loss): {', '.join(skipped)}")
+    fit = compound.fit_compound(runs, args.metric)
+    print(compound.format_report(fit))
+    if args.json:
+        write_atomic(pathlib.Path(args.json), (json.dumps(fit.to_json(), indent=2) + "\n").encode())
+    print(f"wrote {plot_compound(fit, args.plots or args.sweep_dir)}")
     return 0

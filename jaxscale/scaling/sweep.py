@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -43,6 +44,7 @@ import pathlib
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -62,6 +64,7 @@ SPEC_KEYS = ("base", "overrides", "grid", "points", "isoflop", "min_steps")
 ISOFLOP_KEYS = ("budgets", "sizes")
 EXECUTORS = ("local", "ray", "slurm")
 LOG_TAIL_LINES = 20  # lines of a failed point's train.log kept in the manifest
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a child gets when its parent thread exits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,14 +296,33 @@ def point_env() -> dict[str, str]:
     return env
 
 
+def _death_signal() -> Callable[[], None] | None:
+    """A function for the child before exec (Linux): SIGKILL when the thread that started it
+    dies, so a sweep killed with -9 leaves no point training on in a workdir that its rerun
+    resumes in. libc is looked up here, in the parent; the child only makes the call, and exits
+    at once if the parent is already gone. None elsewhere: a killed sweep's points there run to
+    their end (or their own kill)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return child
+
+
 def run_point(cmd: Sequence[str], log_path: str, env: dict[str, str],
               cwd: str) -> tuple[int, float]:
     """Run one point in `cwd`, appending its stdout and stderr to `log_path` (the cwd is explicit
-    because a Ray worker's differs from the sweep's); (exit code, wall seconds)."""
+    because a Ray worker's differs from the sweep's); (exit code, wall seconds). The point's
+    process dies with the calling thread (`_death_signal`), which waits on it throughout."""
     start = time.monotonic()
     with open(log_path, "ab") as log:
         rc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=cwd).returncode
+                            cwd=cwd, preexec_fn=_death_signal()).returncode
     return rc, time.monotonic() - start
 
 
