@@ -453,10 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir")
     p.add_argument("--out", default=None, help="PNG path (default: WORKDIR/loss.png)")
     p.set_defaults(func=cmd_plot, parser=p)
+    from jaxscale.checkpoint import cli as ckpt
     from jaxscale.scaling import report, sweep
 
     sweeps = sweep.add_parser(sub)
     report.add_parser(sub)
+    ckpt.add_parser(sub)
     for p in (train, show, inspect, plan, generate, ttc, to_jaxscale, sweeps):
         _show_overrides_in_usage(p)
     return parser

@@ -307,6 +307,11 @@ class DataConfig:
     mixup: float = 0.0
 
 
+# checkpoint.on_corrupt choices: what a restore does with a step that fails verification.
+CorruptPolicy = Literal["skip", "error"]
+CORRUPT_POLICIES: tuple[str, ...] = get_args(CorruptPolicy)
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     dir: str = ""  # "" = <workdir>/checkpoints
@@ -317,6 +322,9 @@ class CheckpointConfig:
     restore_step: int = -1  # resume from this step (later ones are deleted); -1 = the latest
     # with nothing to resume, start from the parameters of this checkpoint (or step) directory
     init_from: str = ""
+    # a step whose files do not match its manifest: skip it for the previous verified step, or
+    # stop with a CheckpointError
+    on_corrupt: CorruptPolicy = "skip"
 
 
 @dataclass(frozen=True)

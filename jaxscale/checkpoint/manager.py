@@ -12,8 +12,11 @@ Each saved step is one orbax step directory holding four items:
 `<dir>` is ``checkpoint.dir`` or ``<workdir>/checkpoints``. orbax writes every step into a
 temporary directory and renames it when all of it is written, so a step directory that exists is
 complete; the temporary directories a killed run leaves behind are removed when the next run
-starts. Restoring always passes the current mesh's shardings as targets, so a checkpoint restores
-onto any mesh and device count. See docs/checkpointing.md.
+starts. Once a step has committed, process 0 writes ``<dir>/<step>/jaxscale_manifest.json`` (the
+size and digest of every file, `verify.py`); a restore verifies the step it is about to use and
+falls back to the previous verified one (checkpoint.on_corrupt). Restoring always passes the
+current mesh's shardings as targets, so a checkpoint restores onto any mesh and device count.
+See docs/checkpointing.md.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from jax.sharding import Mesh
 
 import jaxscale
 from jaxscale import config as config_lib
+from jaxscale.checkpoint import verify
 from jaxscale.checkpoint.checks import check_resumable, check_tree, corrupt_error
 from jaxscale.config import Config
 from jaxscale.core.state import TrainState, unbox
@@ -45,6 +49,12 @@ def checkpoint_dir(cfg: Config) -> str:
     """Where the run's checkpoints live: checkpoint.dir, or <workdir>/checkpoints."""
     path = cfg.checkpoint.dir or os.path.join(cfg.workdir, "checkpoints")
     return path if "://" in path else os.path.abspath(path)
+
+
+def _write_manifest(directory: str, step: int) -> None:
+    """Process 0 hashes a committed step's files; the commit was a barrier, so all are there."""
+    if jax.process_index() == 0 and "://" not in directory:
+        verify.write_manifest(os.path.join(directory, str(step)))
 
 
 def _registry() -> Any:
@@ -162,15 +172,48 @@ class Checkpointer:
                 state = state.replace(params=params)
                 self._log(f"checkpoint: parameters from {c.init_from}")
         else:
-            step = c.restore_step if c.restore_step >= 0 else steps[-1]
+            wanted = c.restore_step if c.restore_step >= 0 else steps[-1]
+            step, skipped = self._verified_step(wanted, steps)
             state, rng, data_state = self._restore(step, steps, abstract, shardings, check_data)
             for later in (s for s in steps if s > step):
                 self._manager.delete(later)
                 self._log(f"checkpoint: deleted step {later} (the run continues from step {step})")
-            self._log(f"checkpoint: resumed from step {step} in {self.directory}")
+            note = (f" (skipped corrupt step{'s' if len(skipped) > 1 else ''} "
+                    + ", ".join(f"{s}: {p.file}" for s, p in skipped) + ")") if skipped else ""
+            self._log(f"checkpoint: resumed from step {step} in {self.directory}{note}")
         self._rng = {"seed": self.cfg.seed, "impl": str(jax.random.key_impl(rng)),
                      "key_data": np.asarray(jax.random.key_data(rng)).tolist()}
         return Resumed(state, rng, data_state)
+
+    def _verified_step(self, wanted: int, steps: list[int]) -> tuple[int, list]:
+        """The newest step at or before `wanted` whose files match its manifest, and the
+        (step, Problem) of each corrupt step skipped on the way (checkpoint.on_corrupt=skip).
+
+        Every process verifies the same files (a shared filesystem), so all choose the same step.
+        """
+        if "://" in self.directory or not verify.has_manifests(self.directory, steps):
+            self._log(f"checkpoint: no step in {self.directory} has a manifest (written before "
+                      f"checkpoints were verified, or not on a local path): step {wanted} is "
+                      "restored unverified")
+            return wanted, []
+        skipped = []
+        for step in sorted((s for s in steps if s <= wanted), reverse=True):
+            problem = verify.verify_step(os.path.join(self.directory, str(step)))
+            if problem is None:
+                return step, skipped
+            asked = (f" (checkpoint.restore_step={step})"
+                     if step == self.cfg.checkpoint.restore_step else "")
+            what = f"step {step} in {self.directory}{asked} is corrupt ({problem})"
+            if self.cfg.checkpoint.on_corrupt == "error":
+                raise CheckpointError(f"checkpoint {what} (checkpoint.on_corrupt=error; "
+                                      "on_corrupt=skip resumes from the previous verified step)")
+            self._log(f"checkpoint: {what}; skipping it for the previous verified step")
+            skipped.append((step, problem))
+        raise CheckpointError(
+            f"no checkpoint step in {self.directory} verifies: "
+            + "; ".join(f"step {s}: {p}" for s, p in skipped)
+            + f". Move {self.directory} away to start over"
+        )
 
     def _restore(self, step, steps, abstract, shardings, check_data):
         where = f"checkpoint step {step} in {self.directory}"
@@ -220,6 +263,7 @@ class Checkpointer:
             "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
             "config": config_lib.to_dict(self.cfg),
         }
+        meta["config_hash"] = verify.config_hash(meta["config"])
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state)),
             rng=ocp.args.JsonSave(self._rng or {"seed": self.cfg.seed}),
@@ -230,6 +274,8 @@ class Checkpointer:
         except Exception as e:
             raise self._save_error(step, e) from e
         self._in_flight = self.saved_step = step
+        if not self.cfg.checkpoint.async_save:
+            self.wait()  # committed already: write its manifest now
 
     def wait(self) -> None:
         """Block until the save in flight has committed; raise CheckpointError if it failed."""
@@ -244,6 +290,10 @@ class Checkpointer:
         if not (epath.Path(self.directory) / str(step)).exists():
             raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: "
                                   "the step directory was never committed")
+        try:
+            _write_manifest(self.directory, step)
+        except OSError as e:
+            raise self._save_error(step, e) from e
 
     def saving(self) -> bool:
         """Whether a save is still being written in the background."""
@@ -379,7 +429,8 @@ def save_params(directory: str, params: Any, meta: Mapping[str, Any], *, step: i
     """Write `params` as step `step` of checkpoint `directory`: a "state" item holding
     ``{"params": params}`` and a "meta" item, which `load_params` (checkpoint.init_from) reads.
 
-    orbax writes the step into a temporary directory and renames it when complete.
+    orbax writes the step into a temporary directory and renames it when complete; then its
+    manifest is written (verify.py).
 
     Raises:
       CheckpointError: `directory` already holds that step (nothing is overwritten).
@@ -393,5 +444,6 @@ def save_params(directory: str, params: Any, meta: Mapping[str, Any], *, step: i
                                   meta=ocp.args.JsonSave(dict(meta)))
         manager.save(step, args=args, force=True)
         manager.wait_until_finished()
+        _write_manifest(directory, step)
     finally:
         manager.close()
