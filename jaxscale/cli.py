@@ -458,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweeps = sweep.add_parser(sub)
     report.add_parser(sub)
+    from jaxscale.run import goodput
+    goodput.add_parser(sub)
     ckpt.add_parser(sub)
     for p in (train, show, inspect, plan, generate, ttc, to_jaxscale, sweeps):
         _show_overrides_in_usage(p)

@@ -3,7 +3,9 @@
 A hook is an object with ``when(step) -> bool`` and ``__call__(ctx)``, called after every step
 it wants (``ctx.step`` counts the steps done); it may also have ``start(step)`` (before the
 first step) and ``end(ctx)`` (after the last). `default_hooks` returns the list the trainer
-runs: watchdog, metrics (read one step late), evaluation, profiling, checkpointing, summary.
+runs: watchdog, metrics (read one step late), evaluation, profiling, checkpointing, goodput,
+summary. Hooks that spend time the loop is not stepping (evaluating, saving) time it into the
+goodput ledger's buckets (`jaxscale.run.goodput`).
 A feature is a new hook, never a branch in the loop.
 """
 
@@ -25,6 +27,8 @@ from jaxscale.analysis import metrics as metrics_lib
 from jaxscale.core.step import eval_sums_zero, finish_eval
 from jaxscale.core.units import format_bytes
 from jaxscale.errors import NonFiniteError
+from jaxscale.run import goodput as goodput_lib
+from jaxscale.run.goodput import Ledger
 
 
 @dataclasses.dataclass
@@ -38,6 +42,11 @@ class StepContext:
 def every(n: int, last: int) -> Callable[[int], bool]:
     """Every `n` steps (never when n == 0) and at step `last`."""
     return lambda step: (n > 0 and step % n == 0) or step == last
+
+
+def span(ledger: Ledger | None, bucket: str) -> contextlib.AbstractContextManager:
+    """`ledger.span(bucket)`, or nothing without a ledger."""
+    return contextlib.nullcontext() if ledger is None else ledger.span(bucket)
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
@@ -129,13 +138,14 @@ class Evaluate:
     """Held-out sums over the same `eval_batches` batches at every evaluation step."""
 
     def __init__(self, run: Any, batches: list[Any], throughput: Throughput,
-                 when: Callable[[int], bool]):
+                 when: Callable[[int], bool], ledger: Ledger | None = None):
         self.run, self.batches, self.throughput, self.when = run, batches, throughput, when
+        self.ledger = ledger
         self._zero = None
 
     def __call__(self, ctx: StepContext) -> None:
         jax.block_until_ready(ctx.state)  # the step's own time stays in the interval
-        with self.throughput.pause():
+        with self.throughput.pause(), span(self.ledger, "evaluation"):
             if self._zero is None:
                 self._zero = eval_sums_zero(self.run.eval_fn, ctx.state, self.batches[0])
             sums = self._zero
@@ -180,10 +190,13 @@ class Watchdog:
 
 class Checkpoint:
     """Saves at the checkpoint interval and the last step; the pending metrics are read first,
-    so a non-finite step raises before anything of it is saved."""
+    so a non-finite step raises before anything of it is saved. At the end it waits for the
+    last save to commit (before the summary, so that the wait is counted)."""
 
-    def __init__(self, ckpt: Any, batches: Any, metrics: Metrics, throughput: Throughput):
+    def __init__(self, ckpt: Any, batches: Any, metrics: Metrics, throughput: Throughput,
+                 ledger: Ledger | None = None):
         self.ckpt, self.batches, self.metrics, self.throughput = ckpt, batches, metrics, throughput
+        self.ledger = ledger
 
     def when(self, step: int) -> bool:
         return self.ckpt.should_save(step)
@@ -192,8 +205,36 @@ class Checkpoint:
         self.metrics.flush()
         if self.ckpt.saved_step == ctx.step:  # (a stop at a step the interval saved)
             return
-        with self.throughput.pause():
+        with self.throughput.pause(), span(self.ledger, "checkpoint"):
             self.ckpt.save(ctx.step, ctx.state, self.batches.get_state())
+        if self.ledger is not None:
+            self.ledger.mark(ctx.step)
+
+    def end(self, ctx: StepContext) -> None:
+        with span(self.ledger, "checkpoint"):
+            self.ckpt.wait()
+
+
+class Goodput:
+    """Tells the goodput ledger about every dispatched step (a heartbeat at the steps
+    `heartbeat_when` accepts); at the end closes the segment and sums every segment so far
+    (`totals`, for the summary)."""
+
+    def __init__(self, ledger: Ledger, heartbeat_when: Callable[[int], bool]):
+        self.ledger, self.heartbeat_when = ledger, heartbeat_when
+        self.totals: dict[str, Any] | None = None
+
+    def when(self, step: int) -> bool:
+        return True
+
+    def start(self, step: int) -> None:
+        self.ledger.begin_steps()
+
+    def __call__(self, ctx: StepContext) -> None:
+        self.ledger.step(ctx.step, heartbeat=self.heartbeat_when(ctx.step))
+
+    def end(self, ctx: StepContext) -> None:
+        self.totals = self.ledger.finish("done")
 
 
 class AtEnd:
@@ -207,22 +248,28 @@ class AtEnd:
 
 
 class Summary(AtEnd):
-    """At the end: summary.json and the closing line (process 0)."""
+    """At the end: summary.json and the closing line (process 0), with the goodput of every
+    segment so far when a `Goodput` hook ran before this one."""
 
     def __init__(self, run: Any, metrics: Metrics, stats: metrics_lib.CompiledStats,
-                 compile_s: float, wall_start: float):
+                 compile_s: float, wall_start: float, goodput: Goodput | None = None):
         self.run, self.metrics, self.stats = run, metrics, stats
-        self.compile_s, self.wall_start = compile_s, wall_start
+        self.compile_s, self.wall_start, self.goodput = compile_s, wall_start, goodput
 
     def end(self, ctx: StepContext) -> None:
         cfg, logger = self.run.cfg, self.metrics.logger
         summary = summarize(cfg.steps, self.metrics.history, self.run.task.unit, self.stats,
                             self.compile_s, time.perf_counter() - self.wall_start)
         summary.update(self.totals())
+        accounted = self.goodput.totals if self.goodput is not None else None
+        line = format_summary(summary, self.run.task.unit)
+        if accounted is not None:
+            summary["goodput"] = goodput_lib.summary(accounted)
+            line += f" | {goodput_lib.headline(accounted)}"
         if jax.process_index() == 0:
             workdir = pathlib.Path(cfg.workdir)
             write_atomic(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
-            logger.log(format_summary(summary, self.run.task.unit))
+            logger.log(line)
 
 
     def totals(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@
 loop never blocks on the step it has just dispatched: the metrics hook reads each step's metrics
 after the next one is dispatched (one step late), so the device always has work queued.
 Preemption is the loop's own business: after a stop signal the processes agree on a step, save
-it and stop with `Preempted`.
+it and stop with `Preempted`. A goodput ledger (`jaxscale.run.goodput`) times the restore, the
+input pipeline and the hooks' evaluation and saves, and records the segment in the workdir.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jaxscale.core.units import format_bytes
 from jaxscale.errors import Preempted
 from jaxscale.run import hooks as hooks_lib
 from jaxscale.run.build import Run, build
+from jaxscale.run.goodput import Ledger, TimedIterator
 from jaxscale.run.preemption import StopSignal
 from jaxscale.run.watchdog import start_watchdog
 
@@ -44,8 +46,9 @@ def train(cfg: Config, *, model: Any = None, task: Any = None,
         their ``when(step)`` accepts.
 
     Writes to `cfg.workdir`: config.yaml (the resolved config), metrics.jsonl, tensorboard/,
-    summary.json and loss.png (when matplotlib is installed), and checkpoints/ (unless
-    checkpoint.dir says otherwise), from whose latest complete step a rerun resumes.
+    summary.json and loss.png (when matplotlib is installed), goodput.jsonl and
+    goodput.segment.json (`jaxscale.run.goodput`), and checkpoints/ (unless checkpoint.dir says
+    otherwise), from whose latest complete step a rerun resumes.
 
     Raises:
       Preempted: SIGTERM or SIGINT stopped the run after a checkpoint committed.
@@ -53,6 +56,7 @@ def train(cfg: Config, *, model: Any = None, task: Any = None,
     wall_start = time.perf_counter()
     run = build(cfg, model, task)
     workdir = pathlib.Path(cfg.workdir)
+    ledger = Ledger(workdir, enabled=jax.process_index() == 0)
     train_data, eval_data = run.task.pipelines(cfg, run.batch_shardings)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -61,18 +65,23 @@ def train(cfg: Config, *, model: Any = None, task: Any = None,
         stop = StopSignal()
         stack.callback(stop.close)
         ckpt = stack.enter_context(Checkpointer(cfg, run.mesh))
-        state, rng, data_state = ckpt.restore_or_init(
-            run.init_state, run.abstract, run.shardings,
-            rng=jax.random.fold_in(jax.random.key(cfg.seed), 1), check_data=train_data.check_state,
-        )
-        start = int(jax.device_get(state.step))
+        with ledger.span("checkpoint"):
+            state, rng, data_state = ckpt.restore_or_init(
+                run.init_state, run.abstract, run.shardings,
+                rng=jax.random.fold_in(jax.random.key(cfg.seed), 1),
+                check_data=train_data.check_state,
+            )
+            start = int(jax.device_get(state.step))
+        ledger.open(start)
+        stack.push(ledger.exit)
         if start >= cfg.steps:  # a finished run: nothing to train, its summary stays
+            ledger.discard()
             if jax.process_index() == 0:
                 print(f"jaxscale: {workdir} already holds step {start} of steps={cfg.steps}; "
                       "nothing to train (raise steps= to continue, or pick a new workdir=)",
                       flush=True)
             return state
-        batches = train_data.iterator(start, state=data_state)
+        batches = TimedIterator(train_data.iterator(start, state=data_state), ledger)
         first = next(batches)
         compile_start = time.perf_counter()
         compiled = run.lower(state, first, rng).compile()
@@ -87,15 +96,15 @@ def train(cfg: Config, *, model: Any = None, task: Any = None,
         watchdog = start_watchdog(cfg.watchdog, workdir)
         stack.callback(watchdog.stop)
         all_hooks = [*default_hooks(run, stats, logger, batches, eval_data, ckpt, watchdog,
-                                    compile_s=compile_s, wall_start=wall_start), *hooks]
+                                    ledger, compile_s=compile_s, wall_start=wall_start), *hooks]
         return loop(run, compiled, state, first, batches, rng, all_hooks, start, stop)
 
 
 def default_hooks(run: Run, stats: metrics_lib.CompiledStats, logger: Any, batches: Any,
-                  eval_data: Any, ckpt: Checkpointer, watchdog: Any, *, compile_s: float,
-                  wall_start: float) -> list[Any]:
+                  eval_data: Any, ckpt: Checkpointer, watchdog: Any, ledger: Ledger | None = None,
+                  *, compile_s: float, wall_start: float) -> list[Any]:
     """The hooks `train` runs, in order: watchdog, metrics, evaluation, profile, checkpoint,
-    summary, plot."""
+    goodput (with a ledger), summary, plot."""
     cfg = run.cfg
     throughput = hooks_lib.Throughput(
         unit=run.task.unit, units_per_step=cfg.batch_size * run.task.units_per_example(),
@@ -110,13 +119,17 @@ def default_hooks(run: Run, stats: metrics_lib.CompiledStats, logger: Any, batch
     hooks: list[Any] = [
         hooks_lib.Watchdog(watchdog),
         metrics,
-        hooks_lib.Evaluate(run, eval_batches, throughput, evaluate),
+        hooks_lib.Evaluate(run, eval_batches, throughput, evaluate, ledger),
     ]
     if cfg.profile.steps:
         hooks.append(hooks_lib.Profile(tuple(cfg.profile.steps),
                                        pathlib.Path(cfg.workdir) / "profile"))
-    hooks.append(hooks_lib.Checkpoint(ckpt, batches, metrics, throughput))
-    hooks.append(hooks_lib.Summary(run, metrics, stats, compile_s, wall_start))
+    hooks.append(hooks_lib.Checkpoint(ckpt, batches, metrics, throughput, ledger))
+    goodput = None
+    if ledger is not None:  # heartbeats where the metrics are read anyway
+        goodput = hooks_lib.Goodput(ledger, heartbeat_when=metrics.log_when)
+        hooks.append(goodput)
+    hooks.append(hooks_lib.Summary(run, metrics, stats, compile_s, wall_start, goodput))
     hooks.append(hooks_lib.Plot(pathlib.Path(cfg.workdir), logger))
     return hooks
 
@@ -150,7 +163,7 @@ def loop(run: Run, step_fn: Any, state: TrainState, batch: Any, batches: Iterato
                 hook(ctx)
         if stop.should_stop(ctx.step) and ctx.step < total:
             checkpoint(ctx)
-            checkpoint.ckpt.wait()
+            checkpoint.end(ctx)  # waits for the save to commit
             raise Preempted(f"stopped on {stop.signal_name} after step {ctx.step}; checkpoint "
                             f"saved in {checkpoint.ckpt.directory}. Run the same command again "
                             "to resume")
