@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -74,7 +75,7 @@ class FakeClock:
 def clock(monkeypatch):
     fake = FakeClock()
     monkeypatch.setattr(goodput, "_now", fake)
-    monkeypatch.setattr(goodput, "process_start", lambda: (5000.0 + 90.0, 90.0))
+    monkeypatch.setattr(goodput, "process_start", lambda since: (5000.0 + 90.0, 90.0))
     monkeypatch.setattr(goodput, "HEARTBEAT_S", 3600.0)  # the timer stays out of the way
     return fake
 
@@ -228,10 +229,11 @@ def test_a_killed_and_resumed_run_accounts_for_its_wall_time_and_lost_work(tmp_p
     # Every second from the first start to the closing line, within 1%.
     assert sum(buckets.values()) == pytest.approx(summary["total_s"])
     assert summary["total_s"] == pytest.approx(done_at - started, rel=0.01)
-    # Lost work: the steps after the restored one up to the killed segment's last, as the rerun
-    # timed them again.
-    redone = {r["step"]: r["step_time_s"] for r in _records(workdir)}
-    recomputed = sum(redone[s] for s in range(restored + 1, killed["last_step"] + 1))
+    # Lost work: the steps after the restored one up to the killed segment's last, at the time
+    # the rerun took for them again: the median of its records' step_time_s (a single record
+    # can cover two steps' time: the checkpoint hook reads a save step's metrics early).
+    redone = [r["step_time_s"] for r in _records(workdir) if r["step"] > restored]
+    recomputed = (killed["last_step"] - restored) * statistics.median(redone)
     assert buckets["lost"] == pytest.approx(recomputed, rel=0.1)
     assert buckets["lost"] >= STEP_S
     assert buckets["restart_gap"] == pytest.approx(finished["start"] - killed["end"])
@@ -242,3 +244,40 @@ def test_a_killed_and_resumed_run_accounts_for_its_wall_time_and_lost_work(tmp_p
 def _records(workdir: pathlib.Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     return read_jsonl(path) if path.exists() else []
+
+
+def test_a_segment_starts_at_the_process_start_then_at_each_train_call(monkeypatch):
+    monkeypatch.setattr(goodput, "_first_segment", [True])
+    wall, mono = goodput.process_start(since=time.perf_counter())
+    # This pytest process started (imported jax, collected) well before this test.
+    assert time.perf_counter() - mono > 0.5 and time.time() - wall > 0.5
+    since = time.perf_counter() - 2.0
+    wall, mono = goodput.process_start(since=since)  # a second train() in the process
+    assert mono == since and time.time() - wall == pytest.approx(2.0, abs=0.05)
+
+
+@pytest.mark.slow
+def test_a_preempted_run_and_its_resume_lose_no_work(tmp_path):
+    from test_checkpoint import DP8, make_cfg
+    from test_checkpoint_preemption import SignalAt
+
+    from jaxscale.errors import Preempted
+    from jaxscale.run.loop import train
+
+    cfg = make_cfg(tmp_path, *DP8, "checkpoint.every=100", "steps=6")
+    with pytest.raises(Preempted):
+        train(cfg, hooks=[SignalAt(4)])
+    assert not (tmp_path / "goodput.segment.json").exists()
+    (stopped,) = read_jsonl(tmp_path / "goodput.jsonl")
+    assert (stopped["status"], stopped["start_step"], stopped["last_step"]) == ("preempted", 0, 4)
+    assert stopped["checkpoint_s"] > 0 and list(stopped["marks"]) == ["0", "4"]
+    train(cfg)
+    records = read_jsonl(tmp_path / "goodput.jsonl")
+    assert [(r["status"], r["start_step"], r["last_step"]) for r in records] == [
+        ("preempted", 0, 4), ("done", 4, 6)]
+    acc = goodput.account(records)
+    assert acc["total"]["lost"] == 0.0
+    assert acc["total"]["restart_gap"] == pytest.approx(records[1]["start"] - records[0]["end"])
+    summary = json.loads((tmp_path / "summary.json").read_text())["goodput"]
+    assert summary == goodput.summary(acc)
+    assert summary["total_s"] == pytest.approx(records[1]["end"] - records[0]["start"])

@@ -58,17 +58,25 @@ MARKS_KEPT = 64  # checkpoint steps whose productive seconds a record keeps (res
 _now = time.perf_counter  # the ledger's clock (a module attribute: tests swap it)
 
 
-def process_start() -> tuple[float, float]:
-    """(time.time(), _now()) at this process's start (Linux: /proc, to 10 ms, so
-    the interpreter's and jax's imports are startup too); elsewhere, now."""
+_first_segment = [True]  # the process's first ledger starts at the process's start
+
+
+def process_start(since: float | None = None) -> tuple[float, float]:
+    """(time.time(), _now()) where this process's segment began: for its first ledger the
+    process's start (Linux: /proc, to 10 ms, so the interpreter's and jax's imports are startup
+    too; elsewhere `since`), for a later one (train() called again in-process) `since`."""
     wall, mono = time.time(), _now()
+    since = mono if since is None else since
+    first, _first_segment[0] = _first_segment[0], False
+    if not first:
+        return wall - (mono - since), since
     try:
         ticks = os.sysconf("SC_CLK_TCK")
         stat = pathlib.Path("/proc/self/stat").read_text()
         started = int(stat.rpartition(")")[2].split()[19]) / ticks  # field 22: starttime
         age = float(pathlib.Path("/proc/uptime").read_text().split()[0]) - started
     except (OSError, ValueError, IndexError):
-        return wall, mono
+        return wall - (mono - since), since
     age = min(max(age, 0.0), mono)  # never before this clock's own zero
     return wall - age, mono - age
 
@@ -78,7 +86,7 @@ class Ledger:
 
     Usage (`jaxscale.run.loop.train` does this)::
 
-        ledger = Ledger(workdir, enabled=process_index == 0)
+        ledger = Ledger(workdir, enabled=process_index == 0, since=entry_time)
         with ledger.span("checkpoint"):
             state = restore()
         ledger.open(start_step)       # appends a killed predecessor; first heartbeat
@@ -88,9 +96,11 @@ class Ledger:
         ledger.finish("done")         # -> account() over every segment
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
+                 since: float | None = None):
+        """`since`: `_now()` when the segment's work began, if not at the process's start."""
         self.workdir, self.enabled = pathlib.Path(workdir), enabled
-        self.wall0, self.mono0 = process_start()
+        self.wall0, self.mono0 = process_start(since)
         self.id = uuid.uuid4().hex[:12]
         self.spans = dict.fromkeys(SPANS, 0.0)
         self.startup_s: float | None = None  # fixed by begin_steps
@@ -137,22 +147,25 @@ class Ledger:
         """`step` steps are dispatched (host time only: nothing waits on the device here)."""
         productive = self.buckets()["productive"]
         last_step, last_s = self._last
-        if step > last_step:
-            self.step_s.append((productive - last_s) / (step - last_step))
-        self._last, self.last_step = (step, productive), step
+        with self._lock:  # (the timer thread's heartbeat reads step_s)
+            if step > last_step:
+                self.step_s.append((productive - last_s) / (step - last_step))
+            self._last, self.last_step = (step, productive), step
         if heartbeat:
             self.heartbeat()
 
     def mark(self, step: int) -> None:
         """Step `step` was saved: remember its productive seconds (a later restart that
         restores it loses only what came after), and heartbeat."""
-        self.marks[step] = self.buckets()["productive"]
-        while len(self.marks) > MARKS_KEPT:
-            del self.marks[min(self.marks)]
+        with self._lock:
+            self.marks[step] = self.buckets()["productive"]
+            while len(self.marks) > MARKS_KEPT:
+                del self.marks[min(self.marks)]
         self.heartbeat()
 
     def record(self, status: str = "running") -> dict[str, Any]:
-        """The segment as a JSON-ready record (the heartbeat's and goodput.jsonl's lines)."""
+        """The segment as a JSON-ready record (the heartbeat's and goodput.jsonl's lines); the
+        caller holds the lock (or no other thread runs)."""
         buckets = self.buckets()
         return {
             "segment": self.id, "status": status, "pid": os.getpid(), "start": self.wall0,
@@ -198,7 +211,8 @@ class Ledger:
         """End the segment: append its record to goodput.jsonl, drop the heartbeat file; return
         `account` of every segment so far (this one's record included, on every process)."""
         self._stop.set()
-        record = self.record(status)
+        with self._lock:
+            record = self.record(status)
         if self.finished:
             return account([record])
         records = ([r for r in read_segments(self.workdir) if r.get("segment") != self.id]

@@ -56,7 +56,7 @@ def train(cfg: Config, *, model: Any = None, task: Any = None,
     wall_start = time.perf_counter()
     run = build(cfg, model, task)
     workdir = pathlib.Path(cfg.workdir)
-    ledger = Ledger(workdir, enabled=jax.process_index() == 0)
+    ledger = Ledger(workdir, enabled=jax.process_index() == 0, since=wall_start)
     train_data, eval_data = run.task.pipelines(cfg, run.batch_shardings)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
