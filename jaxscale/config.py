@@ -307,6 +307,20 @@ class DataConfig:
     mixup: float = 0.0
 
 
+# loss.chunked choices: whether the decoder's logits are computed a chunk of positions at a time.
+ChunkedLoss = Literal["auto", "always", "never"]
+CHUNKED_VOCAB = 32768  # loss.chunked=auto turns on above this model.vocab_size
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # project onto the vocabulary a chunk of positions at a time, so the [batch, seq_len, vocab]
+    # logits never exist at once (the built-in decoder): always | never | auto (above a
+    # vocabulary of 32,768)
+    chunked: ChunkedLoss = "auto"
+    chunk: int = 256  # positions per chunk: the largest divisor of seq_len at most this
+
+
 # checkpoint.on_corrupt choices: what a restore does with a step that fails verification.
 CorruptPolicy = Literal["skip", "error"]
 CORRUPT_POLICIES: tuple[str, ...] = get_args(CorruptPolicy)
@@ -369,6 +383,7 @@ class Config:
     eval_every: int = 100  # evaluate every N steps; 0 = only at the end
     eval_batches: int = 8  # held-out batches per evaluation
     z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss that keeps logits bounded
+    loss: LossConfig = field(default_factory=LossConfig)
     # on a non-finite loss or gradient: abort (raise) | skip (drop the update)
     on_nonfinite: NonfinitePolicy = "abort"
     progress: bool = True  # progress bar when stdout is a terminal

@@ -399,6 +399,7 @@ def validate(cfg: Config) -> None:
         _positive(key, getattr(cfg, key))
     _non_negative("eval_every", cfg.eval_every)
     _non_negative("z_loss", cfg.z_loss)
+    _positive("loss.chunk", cfg.loss.chunk)
     _check_choices(cfg)
     _validate_task(cfg.task)
     classes = getattr(cfg.model, "num_classes", None)

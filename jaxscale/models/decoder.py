@@ -25,6 +25,7 @@ from jaxscale.config import ModelConfig
 from jaxscale.core import context, remat
 from jaxscale.core.dtypes import dtype
 from jaxscale.core.sharding import constrain
+from jaxscale.core.vocab import HeadInputs
 from jaxscale.models.adapter import Stages
 from jaxscale.models.moe import MoeMlp
 from jaxscale.models.moe import summarize as summarize_moe
@@ -381,8 +382,10 @@ def _stack(cfg: ModelConfig, deterministic: bool, attention_fn: Callable | None,
     return layers(x_BTD, positions_BT, segment_ids_BT)
 
 
-def _logits(cfg: ModelConfig, x_BTD, embed: nn.Embed | None = None):
-    """The final norm and the vocabulary projection (the token embedding's, when tied)."""
+def _logits(cfg: ModelConfig, x_BTD, embed: nn.Embed | None = None, *, hidden: bool = False):
+    """The final norm and the vocabulary projection (the token embedding's, when tied); with
+    `hidden`, the normed states and the projection's weights (`HeadInputs`) instead of the
+    logits, for a loss that projects a chunk of positions at a time."""
     x_BTD = norm_layer(cfg, "final_norm")(x_BTD)
     if cfg.tie_embeddings:
         embed = embed or nn.Embed(
@@ -390,10 +393,31 @@ def _logits(cfg: ModelConfig, x_BTD, embed: nn.Embed | None = None):
             param_dtype=dtype(cfg.param_dtype),
             embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed",
         )
+        if hidden:
+            return HeadInputs(x_BTD, embed.embedding, None, tied=True, dtype=dtype(cfg.dtype))
         logits_BTV = embed.attend(x_BTD)
+    elif hidden:
+        return _VocabProjection(cfg, name="lm_head")(x_BTD)
     else:
         logits_BTV = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), name="lm_head")(x_BTD)
     return constrain(logits_BTV, ("batch", "length", "act_vocab"))
+
+
+class _VocabProjection(nn.Module):
+    """lm_head's parameters as `_dense` makes them (same names, shapes, initialisers and so
+    values), returned with the states as `HeadInputs` rather than applied."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        axes = ("embed", "vocab")
+        kernel = self.param("kernel", _init(cfg.init_std, axes), (cfg.d_model, cfg.vocab_size),
+                            dtype(cfg.param_dtype))
+        bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                           (cfg.vocab_size,), dtype(cfg.param_dtype)) if cfg.use_bias else None)
+        return HeadInputs(x_BTD, kernel, bias, tied=False, dtype=dtype(cfg.dtype))
 
 
 def _positions(tokens_BT, positions_BT):
@@ -420,6 +444,9 @@ class Decoder(nn.Module):
     # replaces the attention function (same signature as `attention`); plan passes a stand-in
     attention_fn: Callable | None = None
     decode: bool = False
+    # return `HeadInputs` (hidden states and the vocabulary projection) instead of the logits,
+    # for a loss that computes them a chunk at a time (loss.chunked; `core.vocab`)
+    hidden_head: bool = False
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, deterministic=True):
@@ -446,7 +473,7 @@ class Decoder(nn.Module):
                      else None)
         if stats is not None:
             summarize_moe(self, cfg, stats)
-        return _logits(cfg, x_BTD, embed)
+        return _logits(cfg, x_BTD, embed, hidden=self.hidden_head)
 
     def pipeline_stages(self) -> Stages:
         """The decoder as embedding -> scanned layers -> head, for `jaxscale.core.pipeline`.
@@ -478,7 +505,7 @@ class Decoder(nn.Module):
                 deterministic=not train, rngs=rngs(rng))
 
         def head(params, x_BTD, inputs):
-            return _Head(cfg).apply({"params": params}, x_BTD)
+            return _Head(cfg, self.hidden_head).apply({"params": params}, x_BTD)
 
         head_keys = ("final_norm", "embed" if cfg.tie_embeddings else "lm_head")
         return Stages("layers", embed, layers, head, head_keys)
@@ -505,7 +532,8 @@ class _Layers(nn.Module):
 
 class _Head(nn.Module):
     cfg: ModelConfig
+    hidden: bool = False
 
     @nn.compact
     def __call__(self, x_BTD):
-        return _logits(self.cfg, x_BTD)
+        return _logits(self.cfg, x_BTD, hidden=self.hidden)

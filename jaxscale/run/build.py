@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from jaxscale.config import Config, ConfigError, ModelConfig
+from jaxscale.config import CHUNKED_VOCAB, Config, ConfigError, ModelConfig
 from jaxscale.core import context, pipeline_step
 from jaxscale.core import sharding as shd
 from jaxscale.core import state as state_lib
@@ -118,7 +118,10 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
     rules = shd.resolve_rules(cfg.sharding.rules, mesh)
     shd.check_rules(rules, mesh)
     task = task or make_task(cfg)
-    adapter = adapt(build_model(cfg.model), config=cfg.model) if model is None else adapt(model)
+    if model is None:
+        adapter = adapt(with_chunked_head(cfg, build_model(cfg.model)), config=cfg.model)
+    else:
+        adapter = adapt(with_chunked_head(cfg, model))
     spec = task.batch_spec(cfg.batch_size)
     axes = batch_axes(spec)
     batch_shardings = shd.batch_shardings(mesh, rules, axes)
@@ -151,6 +154,33 @@ def build(cfg: Config, model: Any = None, task: Task | None = None, *,
     eval_step = step_lib.jit_eval_step(eval_fn, shardings, batch_shardings)
     return Run(cfg, mesh, rules, task, adapter, tx, schedule, variables_fn, abstract, shardings,
                spec, batch_shardings, train_step, eval_fn, eval_step, pipe)
+
+
+def chunked_loss(cfg: Config, vocab_size: int) -> bool:
+    """Whether the loss projects onto the vocabulary a chunk at a time (`loss.chunked`; auto:
+    a language model with a vocabulary above CHUNKED_VOCAB)."""
+    if cfg.loss.chunked != "auto":
+        return cfg.loss.chunked == "always"
+    return cfg.task.name == "lm" and vocab_size > CHUNKED_VOCAB
+
+
+def with_chunked_head(cfg: Config, model: Any) -> Any:
+    """`model`, or under `chunked_loss` the built-in decoder returning `HeadInputs` (its
+    hidden states and vocabulary projection) in place of the logits.
+
+    Raises:
+      ConfigError: loss.chunked=always for a model that returns its own outputs, or a task other
+        than the language model.
+    """
+    decoder = hasattr(model, "hidden_head") and cfg.task.name == "lm"
+    if cfg.loss.chunked == "always" and not decoder:
+        raise ConfigError(f"loss.chunked=always needs the built-in decoder and task.name=lm (the "
+                          f"decoder can return its hidden states and vocabulary projection); "
+                          f"{type(model).__name__} with task.name={cfg.task.name} computes its "
+                          f"own outputs. Set loss.chunked=never")
+    if decoder and chunked_loss(cfg, model.cfg.vocab_size):
+        return model.clone(hidden_head=True)
+    return model
 
 
 def pipeline_spec(cfg: Config, mesh: Mesh,

@@ -6,7 +6,9 @@ A batch holds five [B, T] int32 fields (the data pipelines produce them; `jaxsca
   loss_mask    1 where a target counts and 0 where it does not
   positions    position of each token within its document (packing)
   segment_ids  document id of each token; attention stays within a document
-The model is called with the roles inputs, positions and segment_ids and returns logits_BTV.
+The model is called with the roles inputs, positions and segment_ids and returns logits_BTV,
+or (the built-in decoder under `loss.chunked`) `core.vocab.HeadInputs` for a loss that computes
+the logits a chunk of positions at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscale.core.step import Batch, LossOutput
+from jaxscale.core.vocab import HeadInputs, chunked_cross_entropy_sums, cross_entropy_sums
 from jaxscale.tasks.base import Field
 
 FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -33,22 +36,21 @@ def token_weights(batch: Batch) -> jax.Array:
     return weight_BT
 
 
-def lm_loss(logits_BTV: jax.Array, batch: Batch, *, z_loss: float = 0.0) -> LossOutput:
+def lm_loss(outputs: jax.Array | HeadInputs, batch: Batch, *, z_loss: float = 0.0,
+            chunk: int = 256) -> LossOutput:
     """Next-token cross-entropy (float32) with masking and optional z-loss.
 
+    `outputs` are the logits [B, T, V], or the decoder's `HeadInputs` (`loss.chunked`): then the
+    logits are computed `chunk` positions at a time and never held whole (`core.vocab`).
     The z-loss, ``z_loss * logsumexp(logits)**2``, keeps the softmax normaliser near 1.
     The reported "loss" is the cross-entropy alone.
     """
-    logits_BTV = logits_BTV.astype(jnp.float32)
     weight_BT = token_weights(batch)
     targets_BT = jnp.maximum(batch["targets"], 0)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    # A one-hot contraction keeps the vocab dimension shardable (no gather across devices).
-    target_logit_BT = jnp.einsum(
-        "btv,btv->bt", logits_BTV, jax.nn.one_hot(targets_BT, logits_BTV.shape[-1])
-    )
-    ce_sum = jnp.sum((lse_BT - target_logit_BT) * weight_BT)
-    z_sum = jnp.sum(jnp.square(lse_BT) * weight_BT)
+    if isinstance(outputs, HeadInputs):
+        ce_sum, z_sum = chunked_cross_entropy_sums(outputs, targets_BT, weight_BT, chunk)
+    else:
+        ce_sum, z_sum = cross_entropy_sums(outputs, targets_BT, weight_BT)
     return LossOutput(
         objective=ce_sum + z_loss * z_sum,
         weight=jnp.sum(weight_BT),
@@ -62,6 +64,7 @@ class LanguageModel:
 
     seq_len: int  # tokens per example
     z_loss: float = 0.0  # weight of the log(Z)^2 term
+    chunk: int = 256  # positions per chunk when the model returns HeadInputs (loss.chunked)
     name: str = "lm"
     unit: str = "tokens"
 
@@ -73,7 +76,7 @@ class LanguageModel:
                 "segment_ids": batch.get("segment_ids")}
 
     def loss(self, outputs: Any, batch: Batch) -> LossOutput:
-        return lm_loss(outputs, batch, z_loss=self.z_loss)
+        return lm_loss(outputs, batch, z_loss=self.z_loss, chunk=self.chunk)
 
     def units_per_example(self) -> int:
         return self.seq_len
@@ -96,4 +99,4 @@ class LanguageModel:
 
 
 def from_config(cfg: Any) -> LanguageModel:
-    return LanguageModel(seq_len=cfg.seq_len, z_loss=cfg.z_loss)
+    return LanguageModel(seq_len=cfg.seq_len, z_loss=cfg.z_loss, chunk=cfg.loss.chunk)
