@@ -13,9 +13,11 @@ Each saved step is one orbax step directory holding four items:
 temporary directory and renames it when all of it is written, so a step directory that exists is
 complete; the temporary directories a killed run leaves behind are removed when the next run
 starts. Once a step has committed, process 0 writes ``<dir>/<step>/jaxscale_manifest.json`` (the
-size and digest of every file, `verify.py`); a restore verifies the step it is about to use and
-falls back to the previous verified one (checkpoint.on_corrupt). Restoring always passes the
-current mesh's shardings as targets, so a checkpoint restores onto any mesh and device count.
+size and digest of every file, `verify.py`) from a background thread that waits for the commit,
+so a step is sealed moments after it lands, not at the next save; a restore verifies the step
+it is about to use and falls back to the previous verified one (checkpoint.on_corrupt).
+Restoring always passes the current mesh's shardings as targets, so a checkpoint restores onto
+any mesh and device count.
 See docs/checkpointing.md.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -131,6 +134,8 @@ class Checkpointer:
         self._log = log or (lambda m: print(m, flush=True) if jax.process_index() == 0 else None)
         self._rng: dict[str, Any] | None = None
         self._in_flight: int | None = None  # the last step handed to orbax, maybe still writing
+        self._sealer: threading.Thread | None = None  # writes _in_flight's manifest once committed
+        self._seal_error: BaseException | None = None  # what the sealer hit, raised by wait()
         self.saved_step: int | None = None  # the last step handed to orbax
         self._closed = False
 
@@ -276,23 +281,50 @@ class Checkpointer:
         self._in_flight = self.saved_step = step
         if not self.cfg.checkpoint.async_save:
             self.wait()  # committed already: write its manifest now
+            return
+        self._sealer = threading.Thread(target=self._seal, args=(step,), daemon=True,
+                                        name=f"jaxscale-manifest-{step}")
+        self._sealer.start()
 
-    def wait(self) -> None:
-        """Block until the save in flight has committed; raise CheckpointError if it failed."""
-        step, self._in_flight = self._in_flight, None
+    def _seal(self, step: int) -> None:
+        """Background: wait for `step` to commit, then write its manifest (process 0). What goes
+        wrong is kept for `wait` to raise on the training thread."""
         try:
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
-        except Exception as e:
-            raise self._save_error(step, e) from e
-        if step is None or jax.process_index() != 0:
+            self._write_manifest(step)
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+            self._seal_error = e
+
+    def _write_manifest(self, step: int) -> None:
+        if jax.process_index() != 0:
             return
         if not (epath.Path(self.directory) / str(step)).exists():
             raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: "
                                   "the step directory was never committed")
+        _write_manifest(self.directory, step)
+
+    def wait(self) -> None:
+        """Block until the save in flight has committed and its manifest is written; raise
+        CheckpointError if either failed."""
+        step, self._in_flight = self._in_flight, None
+        sealer, self._sealer = self._sealer, None
+        if sealer is not None:
+            sealer.join()
+        error, self._seal_error = self._seal_error, None
+        if error is not None:
+            with contextlib.suppress(Exception):  # orbax raises it again once on this thread
+                self._manager.wait_until_finished()
         try:
-            _write_manifest(self.directory, step)
-        except OSError as e:
+            if error is not None:
+                raise error
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+            if sealer is None and step is not None:
+                self._write_manifest(step)
+        except CheckpointError:
+            raise
+        except Exception as e:
             raise self._save_error(step, e) from e
 
     def saving(self) -> bool:
