@@ -20,6 +20,9 @@
     jaxscale sweep SPEC --dir SWEEP_DIR [--workers N] [--executor local|ray|slurm] [--dry-run]
         [key=value ...]
     jaxscale fit (SWEEP_DIR | --csv POINTS.csv) [--budget C] [--json OUT.json] [--plots DIR]
+        [--compound] [--metric accuracy|loss]
+    jaxscale ckpt verify|list DIR
+    jaxscale goodput WORKDIR [--out PNG]
 
 Flags and ``key=value`` overrides mix in any order after the subcommand
 (``jaxscale train steps=5 --cpu-devices 8 workdir=x``). A bad command line (an unknown flag, a
