@@ -6,11 +6,12 @@ rows; `--steps` steps, a checkpoint every `--every`), then the chaos run in anot
 inject a fault, restart from the newest checkpoint, until the run exits 0. Three kinds of fault,
 drawn at random (`--seed`), `--faults` of them:
 
-* kill: kill -9 once the run's metrics.jsonl shows a chosen step of this start, then a random
-  0..`--jitter` s more (the step is drawn so the faults spread over the run);
+* kill: kill -9 once this start has taken the batch of a chosen step (past the step it resumed
+  from, so after startup), then a random 0..`--jitter` s more (the step is drawn so the faults
+  spread over the run);
 * term: SIGTERM at such a moment (the run saves at its stop step and exits with
   EXIT_PREEMPTED);
-* fail_save: the background write of a random upcoming checkpoint step fails
+* fail_save: the background write of one of the next two checkpoint steps fails
   (JAXSCALE_TEST_FAIL_SAVE; the run exits with EXIT_CHECKPOINT at its next save).
 
 Every start goes through tests/resume_harness.py (the `jaxscale` command plus test hooks: a batch
@@ -108,20 +109,11 @@ def committed_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
 
 
-def _last_logged_step(path: pathlib.Path, offset: int) -> int:
-    """The largest step in metrics.jsonl's records after byte `offset` (-1 when none yet)."""
-    if not path.exists():
-        return -1
-    with open(path, "rb") as f:
-        f.seek(offset)
-        text = f.read().decode(errors="replace")
-    last = -1
-    for line in text.splitlines():
-        try:
-            last = max(last, int(json.loads(line)["step"]))
-        except (ValueError, KeyError, TypeError):
-            continue  # a line being written
-    return last
+def _last_taken_step(batch_log: pathlib.Path) -> int:
+    """The step of this start's newest batch (-1 before its first). Its own batch log, not
+    metrics.jsonl: a resume rewrites that without the steps after the restored one."""
+    batches = read_batches(batch_log)
+    return batches[-1][0] if batches else -1
 
 
 def reference_run(setup: Setup, workdir: pathlib.Path) -> list[tuple[int, str]]:
@@ -143,20 +135,19 @@ def draw_kinds(count: int, seed: int) -> list[str]:
 
 
 def chaos_run(setup: Setup, workdir: pathlib.Path, kinds, *, seed: int = 0,
-              jitter_s: float = 0.3, batch_delay: float = 0.05, log=print) -> dict:
+              jitter_s: float = 0.3, batch_delay: float = 0.1, log=print) -> dict:
     """Start the run, inject `kinds`' faults one a start, restart until it exits 0.
 
-    A signal (kill, term) lands once this start's metrics.jsonl shows a step drawn from just past
+    A signal (kill, term) lands once this start has taken the batch of a step drawn from just past
     the step it resumed to a share of the steps left (so later faults still find steps to land
-    in), then a random 0..jitter_s more. A write failure takes a random upcoming checkpoint step;
-    where none is left before the last save, the fault becomes a kill.
+    in), then a random 0..jitter_s more. A write failure takes one of the next two checkpoint
+    steps; where none is left before the last save, the fault becomes a kill.
 
     Returns {"segments": [per start: kind, start_step, code, seconds, batches, fail_step or
     signal_step], "wall_s": first start to the last exit, "missed": faults that never landed}.
     """
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    metrics = workdir / "metrics.jsonl"
     segments, pending, missed = [], list(kinds), []
     wall_start = time.monotonic()
     while True:
@@ -166,23 +157,21 @@ def chaos_run(setup: Setup, workdir: pathlib.Path, kinds, *, seed: int = 0,
         hooks, seg = {}, {"kind": kind, "start_step": start}
         if kind == "fail_save":
             upcoming = [s for s in range(start // setup.every * setup.every + setup.every,
-                                         setup.steps - setup.every + 1, setup.every)][:3]
+                                         setup.steps - setup.every + 1, setup.every)][:2]
             if upcoming:
                 hooks["fail_save"] = seg["fail_step"] = rng.choice(upcoming)
             else:
                 kind = seg["kind"] = "kill"
         if kind in ("kill", "term"):
-            span = max(1, (setup.steps - 10 - start) // (len(pending) + 2))
+            span = max(1, (setup.steps - 10 - start) // (2 * len(pending) + 2))
             seg["signal_step"] = min(start + rng.randint(1, span), setup.steps - 3)
             seg["jitter_s"] = round(rng.uniform(0, jitter_s), 3)
         batch_log = workdir.with_name(f"{workdir.name}.batches.{n}")
-        offset = metrics.stat().st_size if metrics.exists() else 0
         t0 = time.monotonic()
         with open(workdir.with_name(f"{workdir.name}.out.{n}"), "w+") as out:
             proc = setup.start(workdir, batch_log, out, batch_delay=batch_delay, **hooks)
             if kind in ("kill", "term"):
-                while proc.poll() is None and _last_logged_step(metrics, offset) < seg[
-                        "signal_step"]:
+                while proc.poll() is None and _last_taken_step(batch_log) < seg["signal_step"]:
                     if time.monotonic() - t0 > TIMEOUT:
                         proc.kill()
                         break
@@ -289,7 +278,7 @@ def check_goodput(workdir, segments: int, wall_s: float) -> dict:
 
 
 def soak(root: pathlib.Path, kinds, *, steps: int, every: int, seed: int = 0, devices: int = 1,
-         cache=None, corpus=None, jitter_s: float = 0.3, batch_delay: float = 0.05,
+         cache=None, corpus=None, jitter_s: float = 0.3, batch_delay: float = 0.1,
          log=print) -> dict:
     """The reference run, the chaos run and every check; returns the result (errors under
     "errors", empty when everything holds)."""
@@ -349,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices per run")
     p.add_argument("--jitter", type=float, default=0.3,
                    help="a signal lands up to this many seconds after its step (default 0.3)")
-    p.add_argument("--batch-delay", type=float, default=0.05,
-                   help="seconds each batch is held back, so faults land mid-run (default 0.05)")
+    p.add_argument("--batch-delay", type=float, default=0.1,
+                   help="seconds each batch is held back, so faults land mid-run (default 0.1)")
     p.add_argument("--dir", default=None, help="where the runs go (default: a temp dir)")
     p.add_argument("--out", default=None,
                    help="result JSON (default: benchmarks/results/chaos-<date>.json)")
