@@ -339,6 +339,11 @@ class CheckpointConfig:
     # a step whose files do not match its manifest: skip it for the previous verified step, or
     # stop with a CheckpointError
     on_corrupt: CorruptPolicy = "skip"
+    # the local tier: node-local disk (or /dev/shm) each process saves its own shards to, every
+    # local_every steps between the durable saves; "" = none (jaxscale.checkpoint.local)
+    local_dir: str = ""
+    local_every: int = 0  # save to local_dir every N steps (needs local_dir); 0 = no local tier
+    local_keep: int = 2  # most recent local steps kept
 
 
 @dataclass(frozen=True)

@@ -391,6 +391,12 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
     _non_negative("checkpoint.keep_period", c.keep_period)
     if c.restore_step < -1:
         raise ConfigError(f"checkpoint.restore_step={c.restore_step} must be a step >= 0 or -1")
+    _non_negative("checkpoint.local_every", c.local_every)
+    _positive("checkpoint.local_keep", c.local_keep)
+    if bool(c.local_dir) != (c.local_every > 0):
+        raise ConfigError(
+            f"checkpoint.local_dir={c.local_dir!r} and checkpoint.local_every={c.local_every}: "
+            "the local tier needs both (a directory on each node's own disk and an interval)")
 
 
 def validate(cfg: Config) -> None:

@@ -9,6 +9,9 @@ through this script. It installs hooks chosen by environment variables, then run
                                     the background write of STEP's state writes MARKER (a file),
                                     then waits SECONDS before it commits (a kill lands mid-write)
   JAXSCALE_TEST_FAIL_SAVE=STEP      the background write of STEP's state fails with OSError
+  JAXSCALE_TEST_KILL_AFTER_LOCAL=STEP
+                                    SIGKILL this process once the local tier's write of STEP
+                                    is on disk (checkpoint.local_dir)
   JAXSCALE_TEST_NO_PLOT=1           skip the loss plot at the end (matplotlib takes seconds)
   JAXSCALE_TEST_POISON_STEP=STEP    the batch of loop step STEP (0-based) holds a token far out
                                     of the vocabulary: the embedding lookup (jnp.take, fill mode)
@@ -82,6 +85,21 @@ def install(env=os.environ, setattr_=setattr) -> None:
         from jaxscale.run import loop as trainer
 
         setattr_(trainer, "_plot", lambda workdir, logger: None)
+
+    kill_after = env.get("JAXSCALE_TEST_KILL_AFTER_LOCAL")
+    if kill_after:
+        import signal
+
+        from jaxscale.checkpoint import local
+
+        write = local.LocalTier._write
+
+        def write_then_die(self, step, *args):
+            write(self, step, *args)
+            if step == int(kill_after):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        setattr_(local.LocalTier, "_write", write_then_die)
 
     slow, fail = env.get("JAXSCALE_TEST_SLOW_SAVE"), env.get("JAXSCALE_TEST_FAIL_SAVE")
     if slow or fail:

@@ -339,3 +339,80 @@ def test_background_write_error_is_raised_by_the_next_save_wait_or_close(
     ckpt.close()
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert [n for n in names if n.isdigit()] == ["1"]  # step 2 never committed
+
+
+def _tiered(workdir, *overrides):
+    return Setup(make_cfg(workdir, "checkpoint.every=10", f"checkpoint.local_dir={workdir}/local",
+                          "checkpoint.local_every=2", *overrides))
+
+
+def _restore_logged(setup, init=None):
+    lines = []
+    with Checkpointer(setup.cfg, setup.mesh, log=lines.append) as ckpt:
+        restored = ckpt.restore_or_init(init or setup.init, setup.abstract, setup.shardings,
+                                        rng=RNG)
+    return restored, lines
+
+
+def test_local_tier_round_trip_corruption_and_another_mesh(tmp_path):
+    """Local saves (each of the 8 FSDP shards of every leaf) restore bitwise; a corrupt local
+    step is named and passed over; a run on another mesh cannot use them and starts over."""
+    setup = _tiered(tmp_path)
+    state = setup.init()
+    with setup.checkpointer() as ckpt:
+        ckpt.restore_or_init(lambda: state, setup.abstract, setup.shardings, rng=RNG)
+        for step in (2, 4):
+            assert ckpt.should_save(step)
+            ckpt.save(step, state, data_state(step))
+    local = tmp_path / "local"
+    assert sorted(p.name for p in local.iterdir()) == ["2", "4"]
+    assert not (tmp_path / "checkpoints" / "2").exists()  # the durable tier saves at 10
+    assert sorted(p.name for p in (local / "4" / "process_0").iterdir()) == [
+        "index.json", "jaxscale_manifest.json", "shards.bin", "state.json"]
+
+    (restored, _, data), lines = _restore_logged(setup, init=pytest.fail)
+    assert lines == [f"checkpoint: resumed from step 4 in {local} (local tier)"]
+    assert data == data_state(4)
+    assert_same_arrays(restored, state)
+
+    blob = local / "4" / "process_0" / "shards.bin"
+    raw = bytearray(blob.read_bytes())
+    raw[100] ^= 0xFF
+    blob.write_bytes(bytes(raw))
+    (restored, _, data), lines = _restore_logged(setup, init=pytest.fail)
+    assert lines == [
+        f"checkpoint: local step 4 in {local / '4' / 'process_0'} is corrupt (shards.bin: "
+        "contents differ from the manifest (xxh3_128)); not used",
+        f"checkpoint: resumed from step 2 in {local} (local tier)"]
+    assert data == data_state(2)
+    assert not (local / "4" / "process_0").exists()  # the run continues from step 2
+
+    other = Setup(setup.cfg, devices=jax.devices()[:4])  # fsdp over 4 devices: other shards
+    (_, _, data), lines = _restore_logged(other)
+    assert data is None
+    assert len(lines) == 1 and lines[0].startswith(
+        f"checkpoint: local step 2 in {local / '2' / 'process_0'}: ")
+    assert lines[0].endswith(" was sharded otherwise (another mesh); the durable tier is used")
+
+
+def assert_same_arrays(a, b):
+    flat_a = jax.tree_util.tree_flatten_with_path(unbox(a))[0]
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(unbox(b))[0])
+    for path, x in flat_a:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_b[path]), strict=True,
+                                      err_msg=path_str(path))
+
+
+def test_local_tier_settings_go_together(tmp_path):
+    with pytest.raises(config_lib.ConfigError) as e:
+        make_cfg(tmp_path, "checkpoint.local_dir=/dev/shm/x")
+    assert str(e.value) == ("checkpoint.local_dir='/dev/shm/x' and checkpoint.local_every=0: the "
+                            "local tier needs both (a directory on each node's own disk and an "
+                            "interval)")
+    with pytest.raises(config_lib.ConfigError) as e:
+        make_cfg(tmp_path, "checkpoint.local_every=5")
+    assert str(e.value) == ("checkpoint.local_dir='' and checkpoint.local_every=5: the local tier "
+                            "needs both (a directory on each node's own disk and an interval)")
+    with pytest.raises(config_lib.ConfigError) as e:
+        make_cfg(tmp_path, "checkpoint.local_keep=0")
+    assert str(e.value) == "checkpoint.local_keep=0 must be positive"

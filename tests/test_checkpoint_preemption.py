@@ -69,6 +69,17 @@ def test_save_on_stop_commits_then_raises_preempted(tmp_path):
                             f"{tmp_path / 'checkpoints'}. Run the same command again to resume")
 
 
+def test_a_stop_at_a_local_save_step_also_saves_durably(tmp_path):
+    """A stop signal may mean the node is going away: the stop step goes to the durable tier
+    even when the interval had just saved it to the local one."""
+    cfg = make_cfg(tmp_path, *DP8, "checkpoint.every=100", f"checkpoint.local_dir={tmp_path}/l",
+                   "checkpoint.local_every=2")
+    with pytest.raises(Preempted):
+        train(cfg, hooks=[SignalAt(4)])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+    assert sorted(p.name for p in (tmp_path / "l").iterdir()) == ["2", "4"]
+
+
 def test_a_stop_at_the_last_step_just_finishes(tmp_path):
     cfg = make_cfg(tmp_path, *DP8, "steps=10")
     state = train(cfg, hooks=[SignalAt(10)])  # no Preempted: the run is complete

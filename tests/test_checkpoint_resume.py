@@ -306,3 +306,38 @@ def test_resume_onto_four_devices_with_another_mesh(tmp_path, corpus, jax_cache,
     got, want = run.losses(), reference.losses()
     assert sorted(got) == list(range(9, 21))
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=2e-5)
+
+
+def _tiers(local) -> list[str]:
+    """Durable saves every 10 steps, local ones every 2 in between (checkpoint.local_dir)."""
+    return ["checkpoint.every=10", f"checkpoint.local_dir={local}", "checkpoint.local_every=2",
+            "checkpoint.local_keep=10"]
+
+
+def _local_steps(local, process=0) -> list[int]:
+    return sorted(int(p.parent.name) for p in pathlib.Path(local).glob(f"*/process_{process}"))
+
+
+@pytest.mark.parametrize("new_node", [False, True], ids=["local", "durable"])
+def test_kill_after_a_local_save_resumes_from_the_newest_tier(
+    tmp_path, corpus, jax_cache, reference, new_node
+):
+    """kill -9 right after the local tier wrote step 14 (durable saves at 10): the restart
+    resumes at 14 from the local tier; with the local tier wiped (a new node) at 10 from the
+    durable one. Either way the run ends bitwise equal to the uninterrupted one."""
+    w, local = tmp_path / "w", tmp_path / "local"
+    killed = Run(w, corpus, jax_cache, *_tiers(local), kill_after_local=14)
+    assert killed.wait() == -signal.SIGKILL, killed.output[-3000:]
+    assert [n for n in killed.checkpoints() if n.isdigit()] == ["10"]
+    assert _local_steps(local) == [2, 4, 6, 8, 12, 14]
+    if new_node:
+        shutil.rmtree(local)
+    again = finished(Run(w, corpus, jax_cache, *_tiers(local)))
+    resumed = 10 if new_node else 14
+    where = f"{w / 'checkpoints'} (durable tier)" if new_node else f"{local} (local tier)"
+    assert f"checkpoint: resumed from step {resumed} in {where}" in again.output
+    assert again.batches() == reference.batches()[resumed:]
+    assert {s: v for s, v in again.losses().items() if s > resumed} == {
+        s: v for s, v in reference.losses().items() if s > resumed}
+    assert_same_state(again.state(20), reference.state(20))
+    assert _local_steps(local) == ([12, 14, 16, 18] if new_node else [2, 4, 6, 8, 12, 14, 16, 18])

@@ -251,3 +251,33 @@ def test_resume_refuses_a_stream_it_cannot_continue(tmp_path, corpus, one_proces
     assert code != 0 and message in err and "Traceback" not in err
     assert err.count("\n") == 1
     assert not (resumed / "metrics.jsonl").exists()
+
+
+def test_two_processes_resume_at_the_newest_local_step_both_hold(tmp_path, corpus):
+    """The local tier (every 2 steps, each process its own shards) of a two-process run that
+    died after step 6 (its durable end-of-run step 8 gone) where process 1's local step 6 was
+    lost: both processes agree on step 4, the newest local step each holds, resume from it and
+    end bitwise equal to the uninterrupted run."""
+    import resume_harness
+
+    local = tmp_path / "local"
+    tiers = ["steps=8", "checkpoint.every=100", f"checkpoint.local_dir={local}",
+             "checkpoint.local_every=2", "checkpoint.local_keep=5"]
+    full = tmp_path / "full"
+    launch(2, full, corpus, *tiers)
+    assert [p.name for p in sorted((full / "checkpoints").iterdir()) if p.name.isdigit()] == ["8"]
+    for i in range(2):
+        assert sorted(int(p.parent.name) for p in local.glob(f"*/process_{i}")) == [2, 4, 6]
+    reference = resume_harness.read_state(full / "checkpoints" / "8")
+
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.rmtree(local / "6" / "process_1")  # process 1's node lost its newest local step
+    logs = launch(2, crashed, corpus, *tiers)
+    assert f"checkpoint: resumed from step 4 in {local} (local tier)" in logs[0]
+    assert sorted(losses(crashed)) == [5, 6, 7, 8]
+    assert losses(crashed) == {s: v for s, v in losses(full).items() if s > 4}
+    resumed = resume_harness.read_state(crashed / "checkpoints" / "8")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key, strict=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -38,6 +39,7 @@ from jax.sharding import Mesh
 
 import jaxscale
 from jaxscale import config as config_lib
+from jaxscale.checkpoint import local as local_lib
 from jaxscale.checkpoint import verify
 from jaxscale.checkpoint.checks import check_resumable, check_tree, corrupt_error
 from jaxscale.config import Config
@@ -136,7 +138,11 @@ class Checkpointer:
         self._in_flight: int | None = None  # the last step handed to orbax, maybe still writing
         self._sealer: threading.Thread | None = None  # writes _in_flight's manifest once committed
         self._seal_error: BaseException | None = None  # what the sealer hit, raised by wait()
-        self.saved_step: int | None = None  # the last step handed to orbax
+        self.saved_step: int | None = None  # the last step handed to orbax (or the local tier)
+        self.durable_step: int | None = None  # the last step handed to orbax
+        c = cfg.checkpoint
+        self.local = (local_lib.LocalTier(c.local_dir, c.local_every, c.local_keep)
+                      if c.local_dir and c.local_every else None)
         self._closed = False
 
     # -- restore -------------------------------------------------------------------------------
@@ -169,26 +175,79 @@ class Checkpointer:
                 + (f"complete steps: {steps}" if steps else "it holds no checkpoint")
             )
         data_state = None
-        if not steps:
+        local_step = self._local_candidate() if c.restore_step < 0 else None
+        durable = None
+        if steps:
+            wanted = c.restore_step if c.restore_step >= 0 else steps[-1]
+            if local_step is None or local_step <= wanted:
+                durable = self._verified_step(wanted, steps)
+        restored = None
+        if local_step is not None and (durable is None or local_step > durable[0]):
+            restored = self._restore_local(local_step, abstract, shardings, check_data)
+            if restored is None and steps:  # the local tier is of another mesh or model
+                durable = self._verified_step(steps[-1], steps)
+        if restored is not None:
+            state, rng, data_state = restored
+            step = local_step
+            self._drop_later(step, steps)
+            self._log(f"checkpoint: resumed from step {step} in {self.local.directory} "
+                      "(local tier)")
+        elif durable is not None:
+            step, skipped = durable
+            state, rng, data_state = self._restore(step, steps, abstract, shardings, check_data)
+            self._drop_later(step, steps)
+            note = (f" (skipped corrupt step{'s' if len(skipped) > 1 else ''} "
+                    + ", ".join(f"{s}: {p.file}" for s, p in skipped) + ")") if skipped else ""
+            tier = " (durable tier)" if self.local is not None else ""
+            self._log(f"checkpoint: resumed from step {step} in {self.directory}{tier}{note}")
+        else:
             params = (_initial_params(self.cfg, abstract.params, shardings.params)
                       if c.init_from else None)
             state = init()
             if params is not None:
                 state = state.replace(params=params)
                 self._log(f"checkpoint: parameters from {c.init_from}")
-        else:
-            wanted = c.restore_step if c.restore_step >= 0 else steps[-1]
-            step, skipped = self._verified_step(wanted, steps)
-            state, rng, data_state = self._restore(step, steps, abstract, shardings, check_data)
-            for later in (s for s in steps if s > step):
-                self._manager.delete(later)
-                self._log(f"checkpoint: deleted step {later} (the run continues from step {step})")
-            note = (f" (skipped corrupt step{'s' if len(skipped) > 1 else ''} "
-                    + ", ".join(f"{s}: {p.file}" for s, p in skipped) + ")") if skipped else ""
-            self._log(f"checkpoint: resumed from step {step} in {self.directory}{note}")
+            self._drop_later(-1, steps)
         self._rng = {"seed": self.cfg.seed, "impl": str(jax.random.key_impl(rng)),
                      "key_data": np.asarray(jax.random.key_data(rng)).tolist()}
         return Resumed(state, rng, data_state)
+
+    def _local_candidate(self) -> int | None:
+        """The newest local step every process holds complete and verified (None: none, or no
+        local tier). Every process calls this: they agree through an all-gather."""
+        if self.local is None:
+            return None
+        return local_lib.agreed_step(self.local.verified_steps(self._log))
+
+    def _restore_local(self, step, abstract, shardings, check_data):
+        """(state, rng, data) of the local tier's `step`, or None (said) when it is not this
+        run's: another model, mesh or process count."""
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox(abstract),
+            shardings)
+        where = f"local checkpoint step {step} in {self.local.directory}"
+        try:
+            state, doc = self.local.read(step, target)
+        except CheckpointError as e:
+            self._log(f"checkpoint: {e}; the durable tier is used")
+            return None
+        data = dict(doc["data"])
+        check_resumable(doc["meta"].get("config", {}), data, self.cfg, where)
+        if check_data is not None:
+            check_data(data)
+        rng = doc["rng"]
+        key = jax.random.wrap_key_data(np.asarray(rng["key_data"], np.uint32), impl=rng["impl"])
+        return state, key, data
+
+    def _drop_later(self, step: int, steps: list[int]) -> None:
+        """Delete the durable and local steps after `step`: the run continues from it."""
+        for later in (s for s in steps if s > step):
+            self._manager.delete(later)
+            self._log(f"checkpoint: deleted step {later} (the run continues from step {step})")
+        if self.local is not None:
+            for later in (s for s in self.local.steps() if s > step):
+                shutil.rmtree(self.local.directory / str(later) / f"process_{self.local.process}",
+                              ignore_errors=True)
 
     def _verified_step(self, wanted: int, steps: list[int]) -> tuple[int, list]:
         """The newest step at or before `wanted` whose files match its manifest, and the
@@ -246,21 +305,51 @@ class Checkpointer:
 
     def should_save(self, step: int) -> bool:
         """Whether to save after `step`: the interval or the last step."""
-        return self._manager.should_save(step)
+        return self._manager.should_save(step) or (self.local is not None
+                                                   and self.local.should_save(step))
 
-    def save(self, step: int, state: TrainState, data_state: Mapping[str, Any]) -> None:
-        """Start saving `state` as `step` (async by default).
+    def save(self, step: int, state: TrainState, data_state: Mapping[str, Any], *,
+             durable: bool = False) -> None:
+        """Start saving `state` as `step` (async by default): to the local tier at its interval
+        between the durable saves, else (and with `durable`, e.g. on a stop signal) durably.
 
         Args:
           step: optimizer steps taken (state.step).
           state: the TrainState after `step` steps.
           data_state: the data iterator's `get_state()`: its next step must be `step`.
+          durable: save to the durable tier whatever the intervals say.
         """
         if data_state["step"] != step:
             raise ValueError(f"saving step {step} with the data iterator at step "
                              f"{data_state['step']}; save right after the step, before the next "
                              "batch is taken")
         self.wait()
+        if (self.local is not None and not durable and self.local.should_save(step)
+                and not self._manager.should_save(step)):
+            self.local.save(step, state, data_state, {"rng": self._rng or {"seed": self.cfg.seed},
+                                                      "meta": self._meta(step)})
+            self.saved_step = step
+            return
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state)),
+            rng=ocp.args.JsonSave(self._rng or {"seed": self.cfg.seed}),
+            meta=ocp.args.JsonSave(self._meta(step)),
+        )
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise self._save_error(step, e) from e
+        self._in_flight = self.saved_step = self.durable_step = step
+        if not self.cfg.checkpoint.async_save:
+            self.wait()  # committed already: write its manifest now
+            return
+        self._sealer = threading.Thread(target=self._seal, args=(step,), daemon=True,
+                                        name=f"jaxscale-manifest-{step}")
+        self._sealer.start()
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        """What a checkpoint records of the run: versions, mesh, the resolved config and its
+        hash."""
         meta = {
             "jaxscale_version": jaxscale.__version__, "step": step,
             "mesh": dict(self.mesh.shape), "num_devices": int(self.mesh.size),
@@ -269,22 +358,7 @@ class Checkpointer:
             "config": config_lib.to_dict(self.cfg),
         }
         meta["config_hash"] = verify.config_hash(meta["config"])
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state)),
-            rng=ocp.args.JsonSave(self._rng or {"seed": self.cfg.seed}),
-            meta=ocp.args.JsonSave(meta),
-        )
-        try:
-            self._manager.save(step, args=args, force=True)
-        except Exception as e:
-            raise self._save_error(step, e) from e
-        self._in_flight = self.saved_step = step
-        if not self.cfg.checkpoint.async_save:
-            self.wait()  # committed already: write its manifest now
-            return
-        self._sealer = threading.Thread(target=self._seal, args=(step,), daemon=True,
-                                        name=f"jaxscale-manifest-{step}")
-        self._sealer.start()
+        return meta
 
     def _seal(self, step: int) -> None:
         """Background: wait for `step` to commit, then write its manifest (process 0). What goes
@@ -305,8 +379,10 @@ class Checkpointer:
         _write_manifest(self.directory, step)
 
     def wait(self) -> None:
-        """Block until the save in flight has committed and its manifest is written; raise
-        CheckpointError if either failed."""
+        """Block until the save in flight has committed and its manifest is written (and the
+        local tier's write is on disk); raise CheckpointError if any failed."""
+        if self.local is not None:
+            self.local.wait()
         step, self._in_flight = self._in_flight, None
         sealer, self._sealer = self._sealer, None
         if sealer is not None:
@@ -329,6 +405,8 @@ class Checkpointer:
 
     def saving(self) -> bool:
         """Whether a save is still being written in the background."""
+        if self.local is not None and self.local.writing():
+            return True
         return self._in_flight is not None and self._manager.is_saving_in_progress()
 
     def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:

@@ -201,12 +201,15 @@ class Checkpoint:
     def when(self, step: int) -> bool:
         return self.ckpt.should_save(step)
 
-    def __call__(self, ctx: StepContext) -> None:
+    def __call__(self, ctx: StepContext, *, durable: bool = False) -> None:
+        """Save `ctx.step`; with `durable` (a stop signal) to the durable tier even when the
+        interval saved it to the local one."""
         self.metrics.flush()
-        if self.ckpt.saved_step == ctx.step:  # (a stop at a step the interval saved)
+        done = self.ckpt.durable_step if durable else self.ckpt.saved_step
+        if done == ctx.step:  # (a stop at a step the interval saved)
             return
         with self.throughput.pause(), span(self.ledger, "checkpoint"):
-            self.ckpt.save(ctx.step, ctx.state, self.batches.get_state())
+            self.ckpt.save(ctx.step, ctx.state, self.batches.get_state(), durable=durable)
         if self.ledger is not None:
             self.ledger.mark(ctx.step)
 

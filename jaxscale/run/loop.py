@@ -162,7 +162,7 @@ def loop(run: Run, step_fn: Any, state: TrainState, batch: Any, batches: Iterato
             if hook.when(ctx.step):
                 hook(ctx)
         if stop.should_stop(ctx.step) and ctx.step < total:
-            checkpoint(ctx)
+            checkpoint(ctx, durable=True)
             checkpoint.end(ctx)  # waits for the save to commit
             raise Preempted(f"stopped on {stop.signal_name} after step {ctx.step}; checkpoint "
                             f"saved in {checkpoint.ckpt.directory}. Run the same command again "
