@@ -282,19 +282,3 @@ def test_bad_on_corrupt_and_ckpt_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["ckpt", "list", str(tmp_path)]) == cli.EXIT_CHECKPOINT
     assert capsys.readouterr().err == (f"jaxscale: error: {tmp_path} holds no committed "
                                        "checkpoint step\n")
-
-
-def test_verification_rate(tmp_path):
-    """The rate `verify_step` checks a step at (printed with -s; the issue asks < 1 s per GiB)."""
-    import time
-
-    step_dir = tmp_path / "1"
-    (step_dir / "state").mkdir(parents=True)
-    for i in range(8):
-        (step_dir / "state" / f"f{i}").write_bytes(os.urandom(32 << 20))
-    verify.write_manifest(str(step_dir))
-    start = time.perf_counter()
-    assert verify.verify_step(str(step_dir)) is None
-    rate = 256 / (time.perf_counter() - start)
-    print(f"verified 256 MiB at {rate:.0f} MiB/s ({HASH})")
-    assert rate > 100  # far below the target only if something is badly wrong
