@@ -416,3 +416,59 @@ def test_local_tier_settings_go_together(tmp_path):
     with pytest.raises(config_lib.ConfigError) as e:
         make_cfg(tmp_path, "checkpoint.local_keep=0")
     assert str(e.value) == "checkpoint.local_keep=0 must be positive"
+
+
+def test_local_tier_errors(tmp_path, monkeypatch):
+    """A failed local write is raised by the next save or wait; a local step of another model
+    is refused, as a durable one is."""
+    from jaxscale.checkpoint import local
+
+    setup = _tiered(tmp_path)
+    state = setup.init()
+    with setup.checkpointer() as ckpt:
+        ckpt.restore_or_init(lambda: state, setup.abstract, setup.shardings, rng=RNG)
+        ckpt.save(2, state, data_state(2))
+        ckpt.wait()
+        with monkeypatch.context() as m:
+            m.setattr(local.verify, "write_manifest", lambda d: (_ for _ in ()).throw(
+                OSError("No space left on device")))
+            ckpt.save(4, state, data_state(4))
+            with pytest.raises(CheckpointError) as e:
+                ckpt.wait()
+    assert str(e.value) == (f"saving a local checkpoint to {tmp_path / 'local'} failed: "
+                            "OSError: No space left on device")
+    assert not (tmp_path / "local" / "4" / "process_0").exists()
+
+    wider = Setup(make_cfg(tmp_path, "checkpoint.every=10",
+                           f"checkpoint.local_dir={tmp_path}/local", "checkpoint.local_every=2",
+                           "model.d_ff=96"))
+    with pytest.raises(CheckpointError) as e:
+        _restore_logged(wider, init=pytest.fail)
+    message = str(e.value)
+    assert message.startswith(f"cannot resume from local checkpoint step 2 in "
+                              f"{tmp_path / 'local'}: the model ")
+    assert "model.d_ff" in message and "64" in message and "96" in message
+
+
+def test_local_tier_read_refuses_other_leaves_and_shapes(tmp_path):
+    from jaxscale.checkpoint.local import LocalTier
+
+    setup = _tiered(tmp_path)
+    state = setup.init()
+    with setup.checkpointer() as ckpt:
+        ckpt.restore_or_init(lambda: state, setup.abstract, setup.shardings, rng=RNG)
+        ckpt.save(2, state, data_state(2))
+    tier = LocalTier(str(tmp_path / "local"), 2, 2)
+    own = tmp_path / "local" / "2" / "process_0"
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(CheckpointError) as e:
+        tier.read(2, {"w": jax.ShapeDtypeStruct((2,), np.float32, sharding=sharding)})
+    assert str(e.value) == (f"local checkpoint step 2 in {own} holds other parameters than this "
+                            f"run's model; move {tmp_path / 'local'} away to start over")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float16, sharding=x.sharding),
+                          unbox(state))
+    with pytest.raises(CheckpointError) as e:
+        tier.read(2, target)
+    assert str(e.value) == (f"local checkpoint step 2 in {own}: step is "
+                            f"int32[], this run's float16[]; move {tmp_path / 'local'} away to "
+                            "start over")

@@ -41,6 +41,10 @@ from jaxscale.errors import CheckpointError
 SHARDS, INDEX, STATE = "shards.bin", "index.json", "state.json"
 
 
+class OtherLayout(CheckpointError):
+    """A local step saved on another mesh or process layout: not readable as this run's shards."""
+
+
 def _index(shard: Any, shape: tuple[int, ...]) -> list[list[int]]:
     """A shard's index as [[start, stop], ...] per dimension (slices resolved)."""
     return [[s.start or 0, dim if s.stop is None else s.stop] for s, dim in zip(
@@ -166,35 +170,42 @@ class LocalTier:
                 log(f"checkpoint: local step {step} in {own} is corrupt ({problem}); not used")
         return good
 
-    def read(self, step: int, target: Any) -> tuple[Any, dict]:
+    def read_doc(self, step: int) -> dict:
+        """state.json of this process's `step`: data state, rng, meta."""
+        return json.loads((self._own(step) / STATE).read_text())
+
+    def read(self, step: int, target: Any) -> Any:
         """This process's shards of `step` as global arrays on `target`'s shardings (a pytree
-        of ShapeDtypeStruct with shardings, unboxed like the saved state), and state.json.
+        of ShapeDtypeStruct with shardings, unboxed like the saved state).
 
         Raises:
-          CheckpointError: a leaf, shape, dtype or shard differs from `target`'s (another
-            model or mesh): the caller falls back to the durable tier.
+          OtherLayout: a shard's index is not the one `target` puts on a device (another mesh):
+            the caller falls back to the durable tier.
+          CheckpointError: the leaves, a shape or a dtype differ from `target`'s (another model).
         """
         own = self._own(step)
         index = json.loads((own / INDEX).read_text())["leaves"]
-        doc = json.loads((own / STATE).read_text())
         flat, treedef = jax.tree_util.tree_flatten_with_path(target)
         if [leaf["path"] for leaf in index] != [path_str(p) for p, _ in flat]:
-            raise CheckpointError(f"local step {step} in {own} holds other leaves")
+            raise CheckpointError(f"local checkpoint step {step} in {own} holds other parameters "
+                                  f"than this run's model; move {self.directory} away to start "
+                                  "over")
         blob = np.memmap(own / SHARDS, dtype=np.uint8, mode="r")
         arrays = []
         for (_, t), leaf in zip(flat, index, strict=True):
             if list(t.shape) != leaf["shape"] or str(t.dtype) != leaf["dtype"]:
-                raise CheckpointError(f"local step {step} in {own}: {leaf['path']} is "
-                                      f"{leaf['dtype']}{leaf['shape']}, the run's {t.dtype}"
-                                      f"{list(t.shape)}")
+                raise CheckpointError(f"local checkpoint step {step} in {own}: {leaf['path']} is "
+                                      f"{leaf['dtype']}{leaf['shape']}, this run's "
+                                      f"{t.dtype}{list(t.shape)}; move {self.directory} away "
+                                      "to start over")
             by_index = {json.dumps(s["index"]): s for s in leaf["shards"]}
             per_device = []
             for device, idx in t.sharding.addressable_devices_indices_map(t.shape).items():
                 key = json.dumps([[s.start or 0, dim if s.stop is None else s.stop]
                                   for s, dim in zip(idx, t.shape, strict=True)])
                 if key not in by_index:
-                    raise CheckpointError(f"local step {step} in {own}: {leaf['path']} was "
-                                          f"sharded otherwise (another mesh)")
+                    raise OtherLayout(f"local step {step} in {own}: {leaf['path']} was "
+                                      f"sharded otherwise (another mesh)")
                 s = by_index[key]
                 shape = [b - a for a, b in s["index"]]
                 data = np.frombuffer(blob[s["offset"]:s["offset"] + s["nbytes"]],
@@ -202,7 +213,7 @@ class LocalTier:
                 per_device.append(jax.device_put(data, device))
             arrays.append(jax.make_array_from_single_device_arrays(t.shape, t.sharding,
                                                                    per_device))
-        return jax.tree_util.tree_unflatten(treedef, arrays), doc
+        return jax.tree_util.tree_unflatten(treedef, arrays)
 
 
 def agreed_step(mine: list[int]) -> int | None:

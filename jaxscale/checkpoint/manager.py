@@ -220,21 +220,22 @@ class Checkpointer:
         return local_lib.agreed_step(self.local.verified_steps(self._log))
 
     def _restore_local(self, step, abstract, shardings, check_data):
-        """(state, rng, data) of the local tier's `step`, or None (said) when it is not this
-        run's: another model, mesh or process count."""
+        """(state, rng, data) of the local tier's `step`, or None (said) when it was saved on
+        another mesh; a changed model or sample stream is refused as by the durable tier."""
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox(abstract),
             shardings)
         where = f"local checkpoint step {step} in {self.local.directory}"
-        try:
-            state, doc = self.local.read(step, target)
-        except CheckpointError as e:
-            self._log(f"checkpoint: {e}; the durable tier is used")
-            return None
+        doc = self.local.read_doc(step)
         data = dict(doc["data"])
         check_resumable(doc["meta"].get("config", {}), data, self.cfg, where)
         if check_data is not None:
             check_data(data)
+        try:
+            state = self.local.read(step, target)
+        except local_lib.OtherLayout as e:
+            self._log(f"checkpoint: {e}; the durable tier is used")
+            return None
         rng = doc["rng"]
         key = jax.random.wrap_key_data(np.asarray(rng["key_data"], np.uint32), impl=rng["impl"])
         return state, key, data
