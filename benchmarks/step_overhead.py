@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> float:
         print(f"XLA FLOPs per device and step: jaxscale {js_stats.flops / 1e9:.3f}G, hand "
               f"{hand_stats.flops / 1e9:.3f}G ({extra:+.2f}%); temp bytes: jaxscale "
               f"{js_stats.temp_bytes / 2**20:.2f} MiB, hand "
-              f"{hand_stats.temp_bytes / 2**20:.2f} MiB")
+              f"{hand_stats.temp_bytes / 2**20:.2f} MiB ({js_stats.temp_bytes} and "
+              f"{hand_stats.temp_bytes} bytes)")
     per_pair = [h / j for h, j in zip(times["hand"], times["jaxscale"], strict=True)]
     print(f"per-pair ratios (hand/jaxscale): median {statistics.median(per_pair):.3f}, "
           f"min {min(per_pair):.3f}, max {max(per_pair):.3f}; ratio of fastest steps "

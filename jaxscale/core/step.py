@@ -13,7 +13,6 @@ outputs, `jaxscale.tasks.objective`) reads the batch, and `batch_axes` names its
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -124,17 +123,24 @@ def guarded_update(tx: optax.GradientTransformation):
 
     def update(state: TrainState, grads: Any, objective: jax.Array, extra: Any):
         grad_norm = _tree_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-        keep = functools.partial(
-            jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old)
-        )
+
+        # A conditional, not a select of new and old values: the update is computed into the
+        # donated state's buffers, so the guard costs no second copy of the parameters and
+        # optimizer state (a select keeps both alive); the skip branch returns them as they were.
+        def apply(operands):
+            params, opt_state, _, new_extra, grads = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, new_extra
+
+        def skip(operands):
+            params, opt_state, old_extra, _, _ = operands
+            return params, opt_state, old_extra
+
+        params, opt_state, extra = jax.lax.cond(
+            finite, apply, skip, (state.params, state.opt_state, state.extra, extra, grads))
         new_state = state.replace(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            extra=keep(extra, state.extra),
+            step=state.step + 1, params=params, opt_state=opt_state, extra=extra,
             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
         )
         return new_state, grad_norm, finite
