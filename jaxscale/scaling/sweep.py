@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import ctypes
 import dataclasses
 import itertools
 import json
@@ -44,7 +43,6 @@ import pathlib
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -296,33 +294,35 @@ def point_env() -> dict[str, str]:
     return env
 
 
-def _death_signal() -> Callable[[], None] | None:
-    """A function for the child before exec (Linux): SIGKILL when the thread that started it
-    dies, so a sweep killed with -9 leaves no point training on in a workdir that its rerun
-    resumes in. libc is looked up here, in the parent; the child only makes the call, and exits
-    at once if the parent is already gone. None elsewhere: a killed sweep's points there run to
-    their end (or their own kill)."""
+# Run as `python -c _DIE_WITH_PARENT PARENT_PID PROGRAM ARGS...` (Linux): ask for SIGKILL when
+# the thread that started it exits, give up if that parent is already gone, then become PROGRAM.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]): os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dying_with_parent(cmd: Sequence[str]) -> list[str]:
+    """`cmd`, on Linux behind a tiny exec wrapper that makes it die with the thread that starts
+    it: a sweep killed with -9 then leaves no point training on in a workdir its rerun resumes
+    in. (A wrapper, not `preexec_fn`: forking a threaded process to run Python code before exec
+    is unsafe.) Elsewhere `cmd` as it is: a killed sweep's points run to their end there."""
     if not sys.platform.startswith("linux"):
-        return None
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-
-    def child() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return child
+        return list(cmd)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 def run_point(cmd: Sequence[str], log_path: str, env: dict[str, str],
               cwd: str) -> tuple[int, float]:
     """Run one point in `cwd`, appending its stdout and stderr to `log_path` (the cwd is explicit
     because a Ray worker's differs from the sweep's); (exit code, wall seconds). The point's
-    process dies with the calling thread (`_death_signal`), which waits on it throughout."""
+    process dies with the calling thread (`dying_with_parent`), which waits on it throughout."""
     start = time.monotonic()
     with open(log_path, "ab") as log:
-        rc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=cwd, preexec_fn=_death_signal()).returncode
+        rc = subprocess.run(dying_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,
+                            env=env, cwd=cwd).returncode
     return rc, time.monotonic() - start
 
 
