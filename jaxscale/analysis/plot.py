@@ -5,8 +5,21 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
-from jaxscale.analysis.metrics import read_jsonl
+
+def save_figure(fig: Any, path: str | os.PathLike) -> pathlib.Path:
+    """Write a matplotlib figure to `path` as a PNG whole or not at all (a temporary file, then
+    a rename: a reader never sees half a PNG), and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> pathlib.Path:
@@ -17,6 +30,8 @@ def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -
       FileNotFoundError: the workdir has no metrics.jsonl.
     """
     import matplotlib
+
+    from jaxscale.analysis.metrics import read_jsonl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -54,13 +69,7 @@ def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax_speed.set_ylabel(f"{unit}/s")
     ax_speed.set_xlabel("step")
     ax_speed.grid(alpha=0.3)
-    fig.tight_layout()
-    out = pathlib.Path(out) if out else workdir / "loss.png"
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out or workdir / "loss.png")
 
 
 def plot_ttc(report: dict, out: str | os.PathLike, title: str = "") -> pathlib.Path:
@@ -96,10 +105,4 @@ def plot_ttc(report: dict, out: str | os.PathLike, title: str = "") -> pathlib.P
     ax_n.legend()
     ax_tokens.set_xlabel("tokens generated per prompt")
     fig.suptitle(title or f"{report['prompts']} prompts, temperature {report['temperature']:g}")
-    fig.tight_layout()
-    out = pathlib.Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)

@@ -22,6 +22,7 @@ shard's index are those of the current run; otherwise the durable tier decides. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -51,7 +52,8 @@ def _index(shard: Any, shape: tuple[int, ...]) -> list[list[int]]:
         shard.index, shape, strict=True)]
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+def _write_synced(path: pathlib.Path, data: bytes) -> None:
+    """Write `data` and flush it to disk (the directory's rename is what makes it appear)."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -117,8 +119,8 @@ class LocalTier:
                     leaf["shards"] = placed
                 f.flush()
                 os.fsync(f.fileno())
-            _write_atomic(tmp / INDEX, json.dumps({"leaves": leaves}).encode())
-            _write_atomic(tmp / STATE, json.dumps(doc).encode())
+            _write_synced(tmp / INDEX, json.dumps({"leaves": leaves}).encode())
+            _write_synced(tmp / STATE, json.dumps(doc).encode())
             verify.write_manifest(str(tmp))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -126,14 +128,22 @@ class LocalTier:
         except BaseException as e:  # noqa: BLE001 - raised by wait() on the training thread
             self._error = e
 
+    def _delete(self, step: int) -> None:
+        """Remove this process's directory of `step` (and the step's, once no process has one)."""
+        shutil.rmtree(self._own(step), ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process's directory is still in it
+            (self.directory / str(step)).rmdir()
+
     def _retain(self) -> None:
-        """Delete this process's directories beyond the newest `keep` steps (and empty steps)."""
-        mine = sorted(s for s in self.steps() if self._own(s).is_dir())
+        """Delete this process's directories beyond the newest `keep` steps."""
+        mine = [s for s in self.steps() if self._own(s).is_dir()]
         for step in mine[:-self.keep]:
-            shutil.rmtree(self._own(step), ignore_errors=True)
-            with_nothing = self.directory / str(step)
-            if with_nothing.is_dir() and not any(with_nothing.iterdir()):
-                with_nothing.rmdir()
+            self._delete(step)
+
+    def drop_after(self, step: int) -> None:
+        """Delete this process's steps after `step` (the run continues from it)."""
+        for later in (s for s in self.steps() if s > step):
+            self._delete(later)
 
     def writing(self) -> bool:
         """Whether a write is still running in the background."""

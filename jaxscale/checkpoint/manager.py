@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -60,6 +59,17 @@ def _write_manifest(directory: str, step: int) -> None:
     """Process 0 hashes a committed step's files; the commit was a barrier, so all are there."""
     if jax.process_index() == 0 and "://" not in directory:
         verify.write_manifest(os.path.join(directory, str(step)))
+
+
+def _targets(abstract: Any, shardings: Any) -> Any:
+    """Restore targets: each leaf's shape and dtype on its sharding of the current mesh."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _rng_key(saved: Mapping[str, Any]) -> jax.Array:
+    """The run's base RNG key from its saved implementation name and raw key data."""
+    return jax.random.wrap_key_data(np.asarray(saved["key_data"], np.uint32), impl=saved["impl"])
 
 
 def _registry() -> Any:
@@ -184,7 +194,7 @@ class Checkpointer:
         restored = None
         if local_step is not None and (durable is None or local_step > durable[0]):
             restored = self._restore_local(local_step, abstract, shardings, check_data)
-            if restored is None and steps:  # the local tier is of another mesh or model
+            if restored is None and steps:  # the local step was saved on another mesh
                 durable = self._verified_step(steps[-1], steps)
         if restored is not None:
             state, rng, data_state = restored
@@ -222,9 +232,6 @@ class Checkpointer:
     def _restore_local(self, step, abstract, shardings, check_data):
         """(state, rng, data) of the local tier's `step`, or None (said) when it was saved on
         another mesh; a changed model or sample stream is refused as by the durable tier."""
-        target = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox(abstract),
-            shardings)
         where = f"local checkpoint step {step} in {self.local.directory}"
         doc = self.local.read_doc(step)
         data = dict(doc["data"])
@@ -232,13 +239,11 @@ class Checkpointer:
         if check_data is not None:
             check_data(data)
         try:
-            state = self.local.read(step, target)
+            state = self.local.read(step, _targets(unbox(abstract), shardings))
         except local_lib.OtherLayout as e:
             self._log(f"checkpoint: {e}; the durable tier is used")
             return None
-        rng = doc["rng"]
-        key = jax.random.wrap_key_data(np.asarray(rng["key_data"], np.uint32), impl=rng["impl"])
-        return state, key, data
+        return state, _rng_key(doc["rng"]), data
 
     def _drop_later(self, step: int, steps: list[int]) -> None:
         """Delete the durable and local steps after `step`: the run continues from it."""
@@ -246,9 +251,7 @@ class Checkpointer:
             self._manager.delete(later)
             self._log(f"checkpoint: deleted step {later} (the run continues from step {step})")
         if self.local is not None:
-            for later in (s for s in self.local.steps() if s > step):
-                shutil.rmtree(self.local.directory / str(later) / f"process_{self.local.process}",
-                              ignore_errors=True)
+            self.local.drop_after(step)
 
     def _verified_step(self, wanted: int, steps: list[int]) -> tuple[int, list]:
         """The newest step at or before `wanted` whose files match its manifest, and the
@@ -293,14 +296,9 @@ class Checkpointer:
             check_data(data)
         tree = _read_metadata(self._manager, step, steps)
         check_tree(_shapes(tree), _shapes(unbox(abstract)), where)
-        target = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox(abstract),
-            shardings,
-        )
+        target = _targets(unbox(abstract), shardings)
         state = read(state=ocp.args.StandardRestore(target))["state"]
-        rng = saved["rng"]
-        key = jax.random.wrap_key_data(np.asarray(rng["key_data"], np.uint32), impl=rng["impl"])
-        return state, key, data
+        return state, _rng_key(saved["rng"]), data
 
     # -- save ----------------------------------------------------------------------------------
 
@@ -517,9 +515,7 @@ def load_params(path: str, abstract_params: Any, shardings: Any, *,
         expected = {"params/" + k: v for k, v in _shapes(params).items()}
         check_tree({k: v for k, v in _shapes(saved).items() if k.startswith("params/")},
                    expected, where)
-        target = {"params": jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings,
-        )}
+        target = {"params": _targets(params, shardings)}
         restore = ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True,

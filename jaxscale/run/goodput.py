@@ -394,6 +394,8 @@ def plot(acc: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from jaxscale.analysis.plot import save_figure
+
     bars = [*(r for r in acc["segments"]), acc["total"]]
     labels = [*(str(i) for i in range(len(acc["segments"]))), "total"]
     fig, ax = plt.subplots(figsize=(1.2 * len(bars) + 4, 4))
@@ -404,12 +406,7 @@ def plot(acc: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
         bottom = [x + h for x, h in zip(bottom, heights, strict=True)]
     ax.set(xlabel="segment", ylabel="seconds", title=headline(acc))
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # -- `jaxscale goodput` ------------------------------------------------------------------------

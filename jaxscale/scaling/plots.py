@@ -11,20 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxscale.analysis.plot import save_figure
 from jaxscale.scaling.compound import CompoundFit
 from jaxscale.scaling.fit import IsoFlopFit, LawFit, Point
-
-
-def _save(fig: Any, path: pathlib.Path) -> pathlib.Path:
-    """Write the figure to `path` whole or not at all: a reader never sees half a PNG."""
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def _pyplot() -> Any:
@@ -63,7 +52,7 @@ def plot_all(points: Sequence[Point], law: LawFit, iso: IsoFlopFit | None,
            title=f"alpha = {law.alpha:.3f}, beta = {law.beta:.3f}")
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(_save(fig, out_dir / "loss_vs_compute.png"))
+    written.append(save_figure(fig, out_dir / "loss_vs_compute.png"))
 
     if iso is not None:
         fig, ax = plt.subplots(figsize=(7, 5))
@@ -79,7 +68,7 @@ def plot_all(points: Sequence[Point], law: LawFit, iso: IsoFlopFit | None,
                title=f"IsoFLOP: N_opt ∝ C^{iso.a:.3f}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-        written.append(_save(fig, out_dir / "isoflop.png"))
+        written.append(save_figure(fig, out_dir / "isoflop.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(C_P, law.residuals_P, c=np.log10(N_P), cmap="viridis", s=18)
@@ -87,7 +76,7 @@ def plot_all(points: Sequence[Point], law: LawFit, iso: IsoFlopFit | None,
     ax.set(xscale="log", xlabel="training FLOPs C", ylabel="log L_pred - log L_obs",
            title="residuals of the law")
     ax.grid(alpha=0.3)
-    written.append(_save(fig, out_dir / "residuals.png"))
+    written.append(save_figure(fig, out_dir / "residuals.png"))
     return written
 
 
@@ -116,4 +105,4 @@ def plot_compound(fit: CompoundFit, out_dir: str | os.PathLike) -> pathlib.Path:
            title=f"compound scaling: best at equal C is {fit.best}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, out_dir / "compound.png")
+    return save_figure(fig, out_dir / "compound.png")
