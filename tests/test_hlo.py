@@ -113,3 +113,46 @@ def test_involuntary_remat_lines():
     (line,) = hlo.involuntary_remats(log)
     assert "spmd_partitioner" in line and "bf16[4,8192,4096]" in line
     assert hlo.involuntary_remats("nothing to see\n") == []
+
+
+# The same step as the partitioner left it: a bf16 gather, and a combined gradient reduction
+# whose first element (a weight gradient) is bf16 and second (a norm scale's) f32.
+PARTITIONED = """\
+HloModule jit_train_step, entry_computation_layout={()->()}
+
+ENTRY %main (w: bf16[8,8], g: bf16[64,8], n: f32[8]) -> bf16[64,8] {
+  %w = bf16[8,8]{1,0} parameter(0)
+  %g = bf16[64,8]{1,0} parameter(1)
+  %n = f32[8]{0} parameter(2)
+  %all-gather = bf16[64,8]{1,0} all-gather(%w), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}, metadata={op_name="jit(train_step)/jvp(Decoder)/mlp/wi/dot_general"}
+  %all-reduce = bf16[64,8]{1,0} all-reduce(%g), channel_id=2, replica_groups=[1,8]<=[8], to_apply=%add, metadata={op_name="jit(train_step)/transpose(jvp(Decoder))/mlp/wi/dot_general"}
+  %all-reduce.1 = f32[8]{0} all-reduce(%n), channel_id=3, replica_groups=[1,8]<=[8], to_apply=%add, metadata={op_name="jit(train_step)/transpose(jvp(Decoder))/mlp_norm/reduce_sum"}
+  ROOT %out = bf16[64,8]{1,0} add(%all-gather, %all-reduce)
+}
+"""
+# ... and as the CPU compiled it: both widened to f32, the two reductions combined.
+COMPILED = """\
+HloModule jit_train_step, entry_computation_layout={()->()}
+
+ENTRY %main (w: f32[8,8], g: f32[64,8], n: f32[8]) -> f32[64,8] {
+  %w = f32[8,8]{1,0} parameter(0)
+  %g = f32[64,8]{1,0} parameter(1)
+  %n = f32[8]{0} parameter(2)
+  %all-gather.3 = f32[64,8]{1,0} all-gather(%w), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}, metadata={op_name="jit(train_step)/jvp(Decoder)/mlp/wi/dot_general"}
+  %all-reduce.9 = (f32[64,8]{1,0}, f32[8]{0}) all-reduce(%g, %n), channel_id=2, replica_groups=[1,8]<=[8], to_apply=%add, metadata={op_name="jit(train_step)/transpose(jvp(Decoder))/mlp/wi/dot_general:mlp_norm/reduce_sum"}
+  %gte = f32[64,8]{1,0} get-tuple-element(%all-reduce.9), index=0
+  %all-to-all.2 = f32[8,8]{1,0} all-to-all(%w), channel_id=4, replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %out = f32[64,8]{1,0} add(%all-gather.3, %gte)
+}
+"""
+
+
+def test_as_partitioned_takes_the_partitioners_element_widths():
+    compiled = hlo.collectives(COMPILED, 8)
+    assert [c.bytes for c in compiled] == [64 * 8 * 4, 64 * 8 * 4 + 8 * 4, 8 * 8 * 4]
+    ag, ar, a2a = hlo.as_partitioned(compiled, COMPILED, PARTITIONED)
+    assert ag.bytes == 64 * 8 * 2  # gathered in bf16
+    assert ar.bytes == 64 * 8 * 2 + 8 * 4  # the weight gradient in bf16, the norm's in f32
+    assert a2a.bytes == 8 * 8 * 4  # no partitioned counterpart: as compiled
+    # one device (no partitioner ran): unchanged
+    assert hlo.as_partitioned(compiled, COMPILED, "") == compiled

@@ -121,3 +121,33 @@ def test_expert_and_ring_exchanges_appear_in_the_collectives_table():
     ring = table("mesh.fsdp=2", "mesh.sequence=4", "model.context_parallel=ring")
     assert int(moe["all-to-all"].split()[1]) > 0 and not moe["all-to-all"].endswith(" 0 B")
     assert int(ring["collective-permute"].split()[1]) > 0
+
+
+def test_bf16_compute_gathers_the_weights_in_bf16(fsdp):
+    """FSDP casts the float32 weights to the compute dtype before gathering them, and the
+    weight gradients leave the bf16 matmuls in bf16: with model.dtype=bfloat16 the partitioned
+    step gathers half the bytes. The CPU backend widens bf16 collectives to f32 after
+    partitioning (its compiled module moves the float32 step's bytes); GPUs and TPUs do not, and
+    the report counts what they move."""
+    bf16 = compile_step(_cfg("mesh.fsdp=8", "sharding.rules=fsdp", "model.dtype=bfloat16"))
+    f32_report, bf16_report = inspect_compiled(fsdp), inspect_compiled(bf16)
+
+    def gathered(compiled, items):
+        """(float bytes, integer bytes) all-gathered per step: weights, and token indices."""
+        types = hlo.parse(compiled.compiled.as_text())
+        out = [0, 0]
+        for c in items:
+            if c.kind == "all-gather":
+                out[types[c.name].type.startswith("s")] += c.bytes * c.trips
+        return out
+
+    weights, indices = gathered(fsdp, f32_report.collectives)
+    assert weights > 0
+    assert gathered(bf16, bf16_report.collectives) == [weights // 2, indices]
+    # the CPU's own module: the same bytes as the float32 step's
+    raw = hlo.collectives(bf16.compiled.as_text(), 8)
+    assert gathered(bf16, raw) == [weights, indices]
+    # weight gradients reduced in bf16, the norm scales' and the scalars' in f32
+    f32_reduced = f32_report.collective_summary()["all-reduce"].bytes
+    assert f32_reduced / 2 < bf16_report.collective_summary()["all-reduce"].bytes < f32_reduced
+    assert "widens bf16 collectives to f32" in bf16_report.format()

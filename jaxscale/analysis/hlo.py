@@ -14,14 +14,24 @@ all-reduce), so that cost models can price them as reduce-scatters.
 Instructions inside loop bodies are listed once, as they appear in the text (a scanned layer
 stack's collectives appear once, not once per layer); `Collective.trips` holds the trip count
 XLA recorded for the enclosing while loop when it is known, and `summarize` multiplies by it.
+
+The CPU backend has no bfloat16 collectives: after the SPMD partitioner has placed a bf16
+all-gather (FSDP gathers the weights after casting them to the compute dtype) or a bf16 gradient
+reduction, its float normalization widens them to float32. GPUs and TPUs run them as
+partitioned. `compile_partitioned` also returns the module as the partitioner left it, and
+`as_partitioned` gives the compiled collectives the element widths of that module, so that a
+step compiled on the CPU reports (and `jaxscale plan` prices) the bytes an accelerator moves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +47,7 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _NAME = re.compile(r"%([\w.\-]+)")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _PASS_THROUGH = {"get-tuple-element", "bitcast", "copy", "reshape", "transpose", "convert"}
 _SLICES = {"dynamic-slice", "slice"}
 
@@ -54,6 +65,7 @@ class Collective:
     groups: tuple[tuple[int, ...], ...]  # device ids of the replica groups (empty: unknown)
     trips: int = 1  # times it runs per step (the enclosing loop's trip count, when known)
     sliced_bytes: int = 0  # all-reduce: bytes of the results whose users keep only a slice
+    op_name: str = ""  # the jax operation it comes from (the instruction's metadata)
 
 
 @dataclasses.dataclass
@@ -250,8 +262,9 @@ def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
         if kind == "reduce-scatter" and not instr.opcode.endswith("-start"):
             nbytes *= size
         sliced = _sliced_bytes(instr, sizes, instrs, users, by_comp) if kind == "all-reduce" else 0
+        op = _OP_NAME.search(instr.attrs)
         out.append(Collective(kind, instr.name, nbytes, size, groups,
-                              trips.get(instr.computation, 1), sliced))
+                              trips.get(instr.computation, 1), sliced, op.group(1) if op else ""))
     return out
 
 
@@ -279,6 +292,76 @@ def _loop_trips(instrs: dict[str, _Instr]) -> dict[str, int]:
         n = _TRIPS.search(instr.attrs)
         if m and n:
             out[m.group(1)] = int(n.group(1))
+    return out
+
+
+
+# The module dumped right after this pass is the partitioned one (`compile_partitioned`).
+_PARTITIONER = "spmd-partitioning"
+
+
+def compile_partitioned(lowered: Any) -> tuple[Any, str]:
+    """Compile a `jax.stages.Lowered`: (the compiled step, the text of its HLO module right after
+    the SPMD partitioner, "" when no partitioner ran (one device)).
+
+    The module is read from XLA's own dump of that one pass, written to a temporary directory.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = lowered.compile({"xla_dump_to": tmp, "xla_dump_hlo_pass_re": _PARTITIONER})
+        names = sorted(n for n in os.listdir(tmp) if f"after_{_PARTITIONER}." in n)
+        if not names:
+            return compiled, ""
+        with open(os.path.join(tmp, names[-1])) as f:
+            return compiled, f.read()
+
+
+def as_partitioned(items: Sequence[Collective], compiled_text: str, partitioned_text: str
+                   ) -> list[Collective]:
+    """`items` (the compiled module's collectives) in the element widths of the partitioned
+    module (see the module docstring): an array whose jax operation the partitioner gave
+    narrower elements (bf16 where the CPU compiled f32) has its bytes scaled to them.
+
+    Collectives are matched by kind and jax operation name. A combined collective (a tuple)
+    names its elements' operations as ``prefix/first:second:...``, the later ones relative to
+    the common prefix; each is matched to the partitioned operation that ends with it.
+    """
+    if not partitioned_text:
+        return list(items)
+    narrow: dict[tuple[str, str], int] = {}
+    for instr in parse(partitioned_text).values():
+        kind, op = _kind(instr, {}), _OP_NAME.search(instr.attrs)
+        widths = {_DTYPE_BYTES[d] for d, _ in _ARRAY.findall(instr.type) if d in _DTYPE_BYTES}
+        if kind and op and len(widths) == 1:
+            key = (kind, op.group(1))
+            narrow[key] = min(widths.pop(), narrow.get(key, 99))
+
+    def width_of(kind: str, name: str, first: bool) -> int | None:
+        if first:
+            return narrow.get((kind, name))
+        found = {w for (k, n), w in narrow.items() if k == kind and n.endswith("/" + name)}
+        return found.pop() if len(found) == 1 else None
+
+    compiled = parse(compiled_text)
+    out = []
+    for c in items:
+        instr = compiled.get(c.name)
+        arrays = [(d, dims) for d, dims in _ARRAY.findall(instr.type) if d in _DTYPE_BYTES] \
+            if instr is not None else []
+        names = c.op_name.split(":")
+        if len(names) != len(arrays):
+            names = [names[0]] * len(arrays)
+        full = partial = 0
+        for i, ((dtype, dims), name) in enumerate(zip(arrays, names, strict=True)):
+            size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+            width = _DTYPE_BYTES[dtype]
+            full += size * width
+            partial += size * min(width, width_of(c.kind, name, i == 0 or len(set(names)) == 1)
+                                  or width)
+        if partial < full:
+            ratio = partial / full
+            c = dataclasses.replace(c, bytes=round(c.bytes * ratio),
+                                    sliced_bytes=round(c.sliced_bytes * ratio))
+        out.append(c)
     return out
 
 

@@ -72,6 +72,13 @@ class Compiled:
     compiled: Any  # jax.stages.Compiled
     compile_s: float  # seconds spent lowering and compiling
     log: str  # what XLA logged while compiling
+    partitioned: str = ""  # the module after the SPMD partitioner, on the CPU (`hlo` docstring)
+
+    def collectives(self) -> list[hlo.Collective]:
+        """The step's collectives, with the element widths the partitioner gave them."""
+        text = self.compiled.as_text()
+        items = hlo.collectives(text, self.mesh.devices.size)
+        return hlo.as_partitioned(items, text, self.partitioned)
 
     @property
     def cfg(self) -> Config:
@@ -83,11 +90,20 @@ class Compiled:
 
 
 def compile_run(run: Run) -> Compiled:
-    """Lower and compile the run's train step from abstract shapes (nothing is allocated)."""
+    """Lower and compile the run's train step from abstract shapes (nothing is allocated).
+
+    On several CPU devices the partitioned module is kept too: the CPU backend widens bf16
+    collectives after partitioning, which GPUs and TPUs do not (`hlo.as_partitioned`).
+    """
     start = time.perf_counter()
+    partitioned = ""
     with capture_stderr() as log:
-        compiled = run.lower().compile()
-    return Compiled(run, compiled, time.perf_counter() - start, log[0] if log else "")
+        if run.mesh.devices.size > 1 and run.mesh.devices.flat[0].platform == "cpu":
+            compiled, partitioned = hlo.compile_partitioned(run.lower())
+        else:
+            compiled = run.lower().compile()
+    return Compiled(run, compiled, time.perf_counter() - start, log[0] if log else "",
+                    partitioned)
 
 
 def compile_step(cfg: Config, mesh: jax.sharding.Mesh | None = None, *, model: Any = None
@@ -220,7 +236,9 @@ class Inspection:
                          "(counts a scanned layer loop's body once)")
         if self.pipeline is not None:
             lines += ["", self.pipeline.format()]
-        lines += ["", "collectives in the compiled HLO:", hlo.format_collectives(self.collectives)]
+        lines += ["", "collectives per step, in the partitioned HLO's dtypes (what GPUs and TPUs "
+                  "move; the CPU backend widens bf16 collectives to f32):",
+                  hlo.format_collectives(self.collectives)]
         lines += ["", "warnings:" if self.warnings else "warnings: none"]
         lines += [f"  - {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -249,7 +267,7 @@ def inspect_compiled(c: Compiled, *, replicated_warn_bytes: int = REPLICATED_WAR
         outputs=stats.output_bytes, aliased=stats.alias_bytes, peak=stats.peak_bytes,
     )
     num_devices = c.mesh.devices.size
-    collectives = hlo.collectives(c.compiled.as_text(), num_devices)
+    collectives = c.collectives()
     warnings = _warnings(rows, memory, c.log, num_devices, replicated_warn_bytes)
     per_example = run.flops_per_example()
     flops = (per_example * run.cfg.batch_size if per_example is not None

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxscale import config as config_lib
-from jaxscale.analysis import hlo, metrics
+from jaxscale.analysis import metrics
 from jaxscale.analysis.roofline import (
     TARGETS,
     Target,
@@ -328,7 +328,7 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
     est.compute_s, est.model_s = compute_seconds(c_cfg, cand.remat, num_devices, target,
                                                  flops_per_example=per_example)
     text = compiled.compiled.as_text()
-    collectives = hlo.collectives(text, num_devices)
+    collectives = compiled.collectives()
     if run.pipeline is not None:
         # The stage-to-stage sends are the tick loop's collective-permutes, already among these
         # collectives (trips = ticks; their bytes x trips = report.stage_bytes): they are priced
