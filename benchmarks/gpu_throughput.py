@@ -42,11 +42,22 @@ class Candidate:
     remat: str  # remat policy
     batch: int  # sequences per step
     overrides: tuple[str, ...] = ()  # further config overrides
+    form: str = "preset"  # the layer/loss form (FORMS), its overrides among `overrides`
 
     @property
     def name(self) -> str:
         extra = "".join(f" {o}" for o in self.overrides)
         return f"{self.preset} T={self.seq_len} B={self.batch} remat={self.remat}{extra}"
+
+
+# --forms: the same candidate run in several forms, side by side (after --set's overrides).
+FORMS = {
+    "preset": (),
+    "scan": ("model.scan_layers=true", "model.scan_unroll=1"),  # one layer per loop iteration
+    "scan_unroll2": ("model.scan_layers=true", "model.scan_unroll=2"),  # two per iteration
+    "unrolled": ("model.scan_layers=false",),  # every layer inlined
+    "unchunked_loss": ("loss.chunked=never",),  # whole-vocabulary logits
+}
 
 
 # What the GPU sweep tries, per model: (preset, seq, remats, batches). Bigger batches first within
@@ -185,7 +196,7 @@ def run_candidate(cand: Candidate, args, peak: float, measured: float, out: path
     attention = "cudnn" if "__cudnn$fmha" in hlo else "xla"
     result = {
         "model": cand.preset, "seq_len": cand.seq_len, "batch": cand.batch, "remat": cand.remat,
-        "overrides": list(cand.overrides), "packed": args.packed,
+        "form": cand.form, "overrides": list(cand.overrides), "packed": args.packed,
         "compile_s": round(compile_s, 2),
         "peak_bytes": stats.peak_bytes, "temp_bytes": stats.temp_bytes, "attention": attention,
         "device": jax.devices()[0].device_kind, "flags": os.environ.get("XLA_FLAGS", ""),
@@ -253,19 +264,42 @@ def profile(result: dict, run: tuple, args, out: pathlib.Path) -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = ("| model | seq | batch | remat | status | step (ms) | tokens/s | MFU | MFU non-causal"
-            " | MFU vs measured matmul | peak mem (GiB) | attention | compile (s) |")
+            " | MFU vs measured matmul | peak mem (GiB) | attention | compile (s) | form |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        form = r.get("form", "preset")
         if r.get("status") != "ok":
             lines.append(f"| {r['model']} | {r['seq_len']} | {r['batch']} | {r['remat']} | "
                          f"{r.get('status', '?')} | | | | | | "
-                         f"{r.get('peak_bytes', 0) / 2**30:.1f} | | {r.get('compile_s', '')} |")
+                         f"{r.get('peak_bytes', 0) / 2**30:.1f} | | {r.get('compile_s', '')} | "
+                         f"{form} |")
             continue
         lines.append(
             f"| {r['model']} | {r['seq_len']} | {r['batch']} | {r['remat']} | ok | "
             f"{1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
             f"{100 * r['mfu_noncausal']:.1f}% | {100 * r['mfu_vs_measured']:.1f}% | "
-            f"{r['peak_bytes'] / 2**30:.1f} | {r['attention']} | {r['compile_s']:.0f} |")
+            f"{r['peak_bytes'] / 2**30:.1f} | {r['attention']} | {r['compile_s']:.0f} | {form} |")
+    return "\n".join(lines)
+
+
+def format_forms(rows: list[dict], forms: list[str]) -> str:
+    """Each form's step time against the first form's, per (model, seq, batch, remat)."""
+    base, rest = forms[0], forms[1:]
+    head = (f"| model | seq | batch | remat | {base} step (ms) | "
+            + " | ".join(f"{f} step (ms), ratio to {base}" for f in rest) + " |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    ok = {(r["model"], r["seq_len"], r["batch"], r["remat"], r.get("form")): r["step_s"]
+          for r in rows if r.get("status") == "ok"}
+    for model, seq, batch, remat, form in ok:
+        if form != base:
+            continue
+        ref = ok[model, seq, batch, remat, base]
+        cells = []
+        for f in rest:
+            t = ok.get((model, seq, batch, remat, f))
+            cells.append(f"{1e3 * t:.1f}, {t / ref:.3f}" if t else "-")
+        lines.append(f"| {model} | {seq} | {batch} | {remat} | {1e3 * ref:.1f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -277,8 +311,8 @@ def candidates(args) -> list[list[Candidate]]:
             continue
         remats = args.remats or remats
         batches = args.batches or batches
-        groups.append([Candidate(preset, seq, r, b, tuple(args.set)) for r in remats
-                       for b in batches])
+        groups.append([Candidate(preset, seq, r, b, (*args.set, *FORMS[f]), f) for r in remats
+                       for b in batches for f in args.forms])
     return groups
 
 
@@ -290,6 +324,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="*", type=int, default=None, help="override batches")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every candidate (e.g. model.scan_layers=false)")
+    parser.add_argument("--forms", nargs="+", default=["preset"], choices=list(FORMS),
+                        help="run each candidate in these forms, side by side (FORMS)")
     parser.add_argument("--packed", action="store_true",
                         help="train on the LM task's full batches (segment ids: attention with the "
                              "document mask, as in training); default: causal only, no mask")
@@ -330,7 +366,7 @@ def main(argv=None) -> int:
                 if time.perf_counter() - t0 > args.deadline_s:
                     print(f"deadline: skipping {cand.name}", flush=True)
                     continue
-                if cand.remat in failed_remat:
+                if (cand.remat, cand.form) in failed_remat:
                     continue  # a smaller batch of this policy already did not fit
                 try:
                     r = run_candidate(cand, args, peak, measured, out,
@@ -338,9 +374,10 @@ def main(argv=None) -> int:
                 except Exception as e:  # OOM at run time, unsupported kernel...: record it
                     traceback.print_exc()
                     r = {"model": cand.preset, "seq_len": cand.seq_len, "batch": cand.batch,
-                         "remat": cand.remat, "status": f"error: {str(e).splitlines()[0][:120]}"}
+                         "remat": cand.remat, "form": cand.form,
+                         "status": f"error: {str(e).splitlines()[0][:120]}"}
                 if r.get("status") != "ok":
-                    failed_remat.add(cand.remat)
+                    failed_remat.add((cand.remat, cand.form))
                 row = {k: v for k, v in r.items() if k != "profile"}
                 rows.append(row)
                 log.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **row}) + "\n")
@@ -359,6 +396,8 @@ def main(argv=None) -> int:
                 print(f"best {best['model']}: B={best['batch']} remat={best['remat']} MFU "
                       f"{100 * best['mfu']:.1f}% {best['tokens_per_s']:,.0f} tokens/s", flush=True)
     table = format_table(rows)
+    if len(args.forms) > 1:
+        table += "\n\n" + format_forms(rows, args.forms)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return 0 if any(r.get("status") == "ok" for r in rows) else 1

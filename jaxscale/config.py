@@ -126,6 +126,9 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype of activations and matmuls
     param_dtype: DType = "float32"  # storage dtype of parameters (master weights)
     scan_layers: bool = True  # nn.scan over a stacked layer axis (fast compile) vs unrolled
+    # scanned layers: layers per iteration of the scan loop (1: a loop of num_layers trips;
+    # num_layers: one iteration, the whole stack inlined in the loop body)
+    scan_unroll: int = 1
     remat: RematPolicy = "none"  # rematerialization policy name (jaxscale.core.remat.POLICIES)
     attention: AttentionImpl = "auto"  # auto (cudnn on GPU when possible) | xla | cudnn | reference
     init_std: float = 0.02  # stddev of the normal initialiser of dense and embedding weights

@@ -93,6 +93,10 @@ def _validate_model(m: ModelConfig) -> None:
     _non_negative("model.num_kv_heads", m.num_kv_heads)
     _non_negative("model.head_dim", m.head_dim)
     _fraction("model.dropout", m.dropout, closed=False)
+    _positive("model.scan_unroll", m.scan_unroll)
+    if m.scan_unroll > 1 and not m.scan_layers:
+        raise ConfigError(f"model.scan_unroll={m.scan_unroll} unrolls the scan over the layers: "
+                          "it needs model.scan_layers=true")
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.init_std", m.init_std)
     if m.head_dim == 0 and m.d_model % m.num_heads:

@@ -44,6 +44,30 @@ def test_gpu_benchmark_script_runs_tiny_on_cpu(tmp_path):
     assert table.startswith("| model | seq | batch | remat |") and table.count("| tiny |") == 1
 
 
+
+@pytest.mark.slow
+def test_gpu_speed_check_script_runs_every_form_tiny_on_cpu(tmp_path):
+    """scripts/gpu_speed_check.sh, the GPU session's one call, on the CPU: every form of the
+    same candidate ran, and the forms table sets each against the scanned one."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_speed_check.sh"), "--tiny"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = tmp_path / "tiny"
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["form"], r["status"]) for r in rows] == [
+        ("scan", "ok"), ("scan_unroll2", "ok"), ("unrolled", "ok"), ("unchunked_loss", "ok")]
+    assert rows[1]["overrides"][-1] == "model.scan_unroll=2"
+    assert rows[3]["overrides"][-1] == "loss.chunked=never"
+    forms = (out / "table.md").read_text().split("\n\n")[1].splitlines()
+    assert forms[0].startswith("| model | seq | batch | remat | scan step (ms) |")
+    (row,) = forms[2:]
+    ratios = [float(cell.split(",")[1]) for cell in row.split("|")[6:9]]
+    steps = {r["form"]: r["step_s"] for r in rows}
+    assert ratios == [round(steps[f] / steps["scan"], 3)
+                      for f in ("scan_unroll2", "unrolled", "unchunked_loss")]
+
 @pytest.mark.parametrize("path", sorted(BENCHMARKS.glob("*.py")), ids=lambda p: p.name)
 def test_benchmark_gets_its_steps_from_build(path):
     """No benchmark imports or calls a piece of the build wiring; `run.init_state()` (the built

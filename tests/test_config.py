@@ -93,6 +93,9 @@ def test_head_count_defaults():
     (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be in [0, 1)"),
     (["profile.steps=[5,2]"], "profile.steps=[5, 2] must be [start, stop] with 0 <= start < stop"),
     (["steps"], "override 'steps' is not of the form key=value"),
+    (["model.scan_unroll=0"], "model.scan_unroll=0 must be positive"),
+    (["model.scan_unroll=2", "model.scan_layers=false"],
+     "model.scan_unroll=2 unrolls the scan over the layers: it needs model.scan_layers=true"),
     (["sharding.rules=[[embed]]"], "sharding.rules entry ['embed'] must be [logical_name, "
                                    "mesh_axis | [mesh_axes] | null]"),
 ])

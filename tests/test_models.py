@@ -3,6 +3,7 @@ implementations, document masking and dropout."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from util import random_batch, tiny_model_config
+from util import assert_trees_close, random_batch, tiny_model_config
 
 from jaxscale.config import ConfigError, MeshConfig, ModelConfig, OptimConfig
 from jaxscale.core import optim
@@ -152,6 +153,34 @@ def test_scanned_and_unrolled_layers_agree(name):
     b = forward(unrolled)(flat, t)
     assert a.shape == (2, SEQ, scanned.vocab_size)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("model, unroll", [("decoder", 2), ("decoder", 3), ("decoder_nnx", 2)])
+def test_scan_unroll_keeps_the_parameters_logits_and_gradients(model, unroll):
+    """model.scan_unroll runs `unroll` layers per loop iteration (2 of 3: a remainder step; 3:
+    the whole stack in one iteration): the same stacked parameters, the same logits and
+    gradients as one layer per iteration."""
+    from jaxscale.models import adapt
+
+    base = dataclasses.replace(style("llama", num_layers=3, remat="full"), name=model)
+    batch = {"inputs": tokens()}
+    adapters = [adapt(build_model(base)),
+                adapt(build_model(dataclasses.replace(base, scan_unroll=unroll)))]
+    boxed, _ = jax.eval_shape(adapters[0].init, jax.random.key(0), {"inputs": tokens()})
+    assert jax.eval_shape(adapters[1].init, jax.random.key(0), {"inputs": tokens()})[0] == boxed
+    params = jax.jit(adapters[0].init)(jax.random.key(0), {"inputs": tokens()})[0]
+
+    def value_and_grad(adapter):
+        def loss(p):
+            logits = adapter.apply(p, {}, batch, rng=None, train=False).outputs
+            return jnp.mean(logits.astype(jnp.float32) ** 2), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(nn.unbox(params))
+
+    (_, ref), ref_grads = value_and_grad(adapters[0])
+    (_, out), grads = value_and_grad(adapters[1])
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+    assert_trees_close(grads, ref_grads, rtol=1e-6, atol=1e-8)
 
 
 # --------------------------------------------------------------------------------------------

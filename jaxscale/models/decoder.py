@@ -376,6 +376,7 @@ def _stack(cfg: ModelConfig, deterministic: bool, attention_fn: Callable | None,
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
+        unroll=min(cfg.scan_unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     layers = stack(cfg, deterministic, attention_fn, name="layers", **keywords)

@@ -228,7 +228,8 @@ class DecoderNnx(nnx.Module):
         if cfg.scan_layers:
             graphdef, state_L = nnx.split(self.layers)
             step = self._layer(graphdef, positions_BT, segment_ids_BT, deterministic)
-            x_BTD, _ = jax.lax.scan(lambda x, state: (step(state, x), None), x_BTD, state_L)
+            x_BTD, _ = jax.lax.scan(lambda x, state: (step(state, x), None), x_BTD, state_L,
+                                    unroll=min(cfg.scan_unroll, cfg.num_layers))
         else:
             for block in self.layers:
                 graphdef, state = nnx.split(block)
