@@ -48,11 +48,13 @@ def lm_loss(outputs: jax.Array | HeadInputs, batch: Batch, *, z_loss: float = 0.
     weight_BT = token_weights(batch)
     targets_BT = jnp.maximum(batch["targets"], 0)
     if isinstance(outputs, HeadInputs):
-        ce_sum, z_sum = chunked_cross_entropy_sums(outputs, targets_BT, weight_BT, chunk)
+        objective, ce_sum, z_sum = chunked_cross_entropy_sums(outputs, targets_BT, weight_BT,
+                                                              chunk, z_loss)
     else:
         ce_sum, z_sum = cross_entropy_sums(outputs, targets_BT, weight_BT)
+        objective = ce_sum + z_loss * z_sum
     return LossOutput(
-        objective=ce_sum + z_loss * z_sum,
+        objective=objective,
         weight=jnp.sum(weight_BT),
         sums={"loss": ce_sum, "z_loss": z_sum},
     )
