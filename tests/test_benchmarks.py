@@ -139,6 +139,10 @@ TINY = ["model.num_layers=1", "model.d_model=32", "model.d_ff=64", "batch_size=8
                                      "model.num_layers=1"],
                  r"^\| tiny \| fsdp=8 \| 8 \| 8 \| 128 \| 64 \| [0-9.]+ \| [0-9.]+ \|",
                  id="generate_decode"),
+    pytest.param("chunked_loss", ["--quick", "--steps", "1"],
+                 r"^\| chunked \| [0-9.]+ \([0-9.-]+\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| "
+                 r"[0-9.]+ \|$",
+                 id="chunked_loss"),
     pytest.param("vision_throughput", ["--quick"],
                  r"^\| vit-digits \| fsdp=4 x tensor=2 \| [0-9.]+ \| [0-9.-]+ \| [0-9,]+ \| "
                  r"[0-9.]+ \| [0-9.]+% \|$", id="vision_throughput"),
