@@ -1,8 +1,9 @@
 """Scanned vs unrolled layers at 4, 16 and 32 layers: compile time and step time.
 
 `model.scan_layers=true` compiles one layer body inside a loop; `false` unrolls every layer into
-the program. Same model otherwise, fsdp over 8 simulated CPU devices; the two versions of each
-depth are timed alternately (each call blocked until done).
+the program; `model.scan_unroll=2` runs two layers per iteration of the loop. Same model
+otherwise, fsdp over 8 simulated CPU devices; the three versions of each depth are timed
+alternately (each call blocked until done).
 
     python benchmarks/scan_vs_unrolled.py
     python benchmarks/scan_vs_unrolled.py --quick --layers 4 16
@@ -34,20 +35,27 @@ def main(argv=None) -> str:
     lines = [f"Model: d_model 64 (MLP 256), batch 16 x 64, fsdp=8; {steps} steps per version, "
              "alternating.", "",
              "| layers | compile s (scan) | compile s (unrolled) | compile unrolled/scan | "
-             "step ms scan (min-max) | step ms unrolled (min-max) | step unrolled/scan |",
-             "|---|---|---|---|---|---|---|"]
+             "step ms scan (min-max) | step ms unrolled (min-max) | step unrolled/scan | "
+             "compile s (scan_unroll=2) | step ms scan_unroll=2 (min-max) | "
+             "step scan_unroll=2/scan |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    forms = (["model.scan_layers=true"], ["model.scan_layers=false"],
+             ["model.scan_layers=true", "model.scan_unroll=2"])
     for layers in args.layers:
-        pair = [Step(config_lib.load("tiny", [*base, f"model.num_layers={layers}",
-                                              f"model.scan_layers={scan}"]))
-                for scan in ("true", "false")]
-        times = round_robin(pair, steps)
-        (s_med, s_lo, s_hi), (u_med, u_lo, u_hi) = (median_spread(t) for t in times)
+        trio = [Step(config_lib.load("tiny", [*base, f"model.num_layers={layers}", *form]))
+                for form in forms]
+        times = round_robin(trio, steps)
+        (s_med, s_lo, s_hi), (u_med, u_lo, u_hi), (r_med, r_lo, r_hi) = (
+            median_spread(t) for t in times)
+        scan, unrolled, unroll2 = trio
         lines.append(
-            f"| {layers} | {pair[0].compile_s:.1f} | {pair[1].compile_s:.1f} | "
-            f"{pair[1].compile_s / pair[0].compile_s:.1f}x | {s_med:.1f} ({s_lo:.1f}-{s_hi:.1f}) "
-            f"| {u_med:.1f} ({u_lo:.1f}-{u_hi:.1f}) | {u_med / s_med:.2f}x |")
+            f"| {layers} | {scan.compile_s:.1f} | {unrolled.compile_s:.1f} | "
+            f"{unrolled.compile_s / scan.compile_s:.1f}x | {s_med:.1f} ({s_lo:.1f}-{s_hi:.1f}) "
+            f"| {u_med:.1f} ({u_lo:.1f}-{u_hi:.1f}) | {u_med / s_med:.2f}x | "
+            f"{unroll2.compile_s:.1f} | {r_med:.1f} ({r_lo:.1f}-{r_hi:.1f}) | "
+            f"{r_med / s_med:.2f}x |")
         print(lines[-1], file=sys.stderr, flush=True)  # progress; the table goes to stdout
-        del pair
+        del trio, scan, unrolled, unroll2
         gc.collect()
     table = "\n".join(lines)
     print(table)
