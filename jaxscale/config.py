@@ -46,6 +46,7 @@ Mlp = Literal["swiglu", "gelu"]
 Position = Literal["rope", "learned"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
 ContextParallel = Literal["none", "ring", "allgather"]
+WeightGradDtype = Literal["compute", "float32"]
 MoeDispatch = Literal["dropless", "capacity"]
 RouterScore = Literal["softmax", "sigmoid"]
 RopeScaling = Literal["none", "linear", "llama3"]
@@ -125,6 +126,10 @@ class ModelConfig:
     dropout: float = 0.0  # dropout rate on attention and MLP outputs (training only)
     dtype: DType = "float32"  # compute dtype of activations and matmuls
     param_dtype: DType = "float32"  # storage dtype of parameters (master weights)
+    # The dtype the weight gradients leave the matmuls in, and so the dtype FSDP reduce-scatters
+    # (data parallelism all-reduces) them in: compute (model.dtype) | float32 (the reduction
+    # sums in float32, twice the bytes of a bf16 one; rounded to the compute dtype once after)
+    weight_grad_dtype: WeightGradDtype = "compute"
     scan_layers: bool = True  # nn.scan over a stacked layer axis (fast compile) vs unrolled
     # scanned layers: layers per iteration of the scan loop (1: a loop of num_layers trips;
     # num_layers: one iteration, the whole stack inlined in the loop body)

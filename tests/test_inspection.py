@@ -151,3 +151,16 @@ def test_bf16_compute_gathers_the_weights_in_bf16(fsdp):
     f32_reduced = f32_report.collective_summary()["all-reduce"].bytes
     assert f32_reduced / 2 < bf16_report.collective_summary()["all-reduce"].bytes < f32_reduced
     assert "widens bf16 collectives to f32" in bf16_report.format()
+
+
+@pytest.mark.parametrize("model", ["decoder", "decoder_nnx"])
+def test_float32_weight_gradients_are_reduced_in_float32(fsdp, model):
+    """model.weight_grad_dtype=float32 with bf16 compute: the weights are still gathered in
+    bf16, and their gradients leave the matmuls, and are reduced across the devices, in float32:
+    exactly the float32 step's reduction bytes."""
+    cfg = _cfg("mesh.fsdp=8", "sharding.rules=fsdp", "model.dtype=bfloat16",
+               "model.weight_grad_dtype=float32", f"model.name={model}")
+    mixed = inspect_compiled(compile_step(cfg)).collective_summary()
+    plain = inspect_compiled(fsdp).collective_summary()
+    assert mixed["all-reduce"].bytes == plain["all-reduce"].bytes
+    assert mixed["all-gather"].bytes < 0.51 * plain["all-gather"].bytes

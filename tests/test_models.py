@@ -183,6 +183,30 @@ def test_scan_unroll_keeps_the_parameters_logits_and_gradients(model, unroll):
     assert_trees_close(grads, ref_grads, rtol=1e-6, atol=1e-8)
 
 
+
+def test_float32_weight_gradients_change_only_the_gradients_rounding():
+    """model.weight_grad_dtype=float32 on a bf16 model: the same logits bit for bit, gradients
+    within bf16 rounding of the compute-dtype ones; on a float32 model it is the plain matmul."""
+    from jaxscale.core.dtypes import weight_grad_dot
+
+    assert weight_grad_dot("float32", "float32") is None
+    assert weight_grad_dot("compute", "bfloat16") is None
+    base = style("llama", dtype="bfloat16")
+    mixed = dataclasses.replace(base, weight_grad_dtype="float32")
+    params = params_of(base)
+
+    def value_and_grad(cfg):
+        def loss(p):
+            logits = forward(cfg)(p, tokens())
+            return jnp.mean(logits.astype(jnp.float32) ** 2), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, ref), ref_grads = value_and_grad(base)
+    (_, out), grads = value_and_grad(mixed)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    assert_trees_close(grads, ref_grads, rtol=2e-2, atol=2e-3)
+
+
 # --------------------------------------------------------------------------------------------
 # bf16 compute, float32 parameters.
 

@@ -37,6 +37,8 @@ class HeadInputs:
     bias_V: jax.Array | None  # lm_head's bias (model.use_bias), else None
     tied: bool = struct.field(pytree_node=False)  # kernel is the [V, D] embedding
     dtype: Any = struct.field(pytree_node=False)  # the compute dtype of the projection
+    # the dtype the kernel's gradient leaves its matmul in (model.weight_grad_dtype); None: dtype
+    grad_dtype: Any = struct.field(pytree_node=False, default=None)
 
     def logits(self, hidden_BCD: jax.Array) -> jax.Array:
         """The logits of some positions, as the decoder's head computes them (nn.Embed.attend
@@ -126,12 +128,13 @@ def chunked_cross_entropy_sums(head: HeadInputs, targets_BT: jax.Array, weight_B
                            - jax.nn.one_hot(targets_BC, V)) * weight_BC[..., None]
             dlogits_BCV = constrain(dlogits_BCV.astype(cast), LOGITS_AXES)
             x_BCD = hidden_BCD.astype(cast)
+            grad = head.grad_dtype or cast
             if head.tied:  # logits = x @ k.T, k [V, D]
                 dx_BCD = jnp.einsum("bcv,vd->bcd", dlogits_BCV, k)
-                dk = jnp.einsum("bcv,bcd->vd", dlogits_BCV, x_BCD)
+                dk = jnp.einsum("bcv,bcd->vd", dlogits_BCV, x_BCD, preferred_element_type=grad)
             else:  # logits = x @ k, k [D, V]
                 dx_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, k)
-                dk = jnp.einsum("bcd,bcv->dv", x_BCD, dlogits_BCV)
+                dk = jnp.einsum("bcd,bcv->dv", x_BCD, dlogits_BCV, preferred_element_type=grad)
             # accumulated in the kernel's own sharding (FSDP: each chunk's part reduce-scattered)
             dkernel = constrain(dkernel + dk.astype(kernel.dtype), kernel_axes)
             if bias_V is not None:

@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.config import ModelConfig
 from jaxscale.core import context, remat
-from jaxscale.core.dtypes import dtype
+from jaxscale.core.dtypes import dtype, weight_grad_dot
 from jaxscale.core.sharding import constrain
 from jaxscale.core.vocab import HeadInputs
 from jaxscale.models.adapter import Stages
@@ -38,6 +38,7 @@ def _init(std: float, axes: tuple[str | None, ...]):
 def _dense(cfg: ModelConfig, features, axes, *, name, axis=-1, std=None, bias=None):
     num_in = 1 if isinstance(axis, int) else len(axis)
     return nn.DenseGeneral(
+        dot_general=weight_grad_dot(cfg.weight_grad_dtype, cfg.dtype),
         features=features,
         axis=axis,
         use_bias=cfg.use_bias if bias is None else bias,
@@ -47,6 +48,11 @@ def _dense(cfg: ModelConfig, features, axes, *, name, axis=-1, std=None, bias=No
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[num_in:]),
         name=name,
     )
+
+
+def _weight_grad_dtype(cfg: ModelConfig):
+    """`model.weight_grad_dtype` as a dtype (None: the compute dtype)."""
+    return None if cfg.weight_grad_dtype == "compute" else dtype(cfg.weight_grad_dtype)
 
 
 def norm_layer(cfg: ModelConfig, name: str) -> nn.Module:
@@ -395,7 +401,8 @@ def _logits(cfg: ModelConfig, x_BTD, embed: nn.Embed | None = None, *, hidden: b
             embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed",
         )
         if hidden:
-            return HeadInputs(x_BTD, embed.embedding, None, tied=True, dtype=dtype(cfg.dtype))
+            return HeadInputs(x_BTD, embed.embedding, None, tied=True, dtype=dtype(cfg.dtype),
+                              grad_dtype=_weight_grad_dtype(cfg))
         logits_BTV = embed.attend(x_BTD)
     elif hidden:
         return _VocabProjection(cfg, name="lm_head")(x_BTD)
@@ -418,7 +425,8 @@ class _VocabProjection(nn.Module):
                             dtype(cfg.param_dtype))
         bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
                            (cfg.vocab_size,), dtype(cfg.param_dtype)) if cfg.use_bias else None)
-        return HeadInputs(x_BTD, kernel, bias, tied=False, dtype=dtype(cfg.dtype))
+        return HeadInputs(x_BTD, kernel, bias, tied=False, dtype=dtype(cfg.dtype),
+                          grad_dtype=_weight_grad_dtype(cfg))
 
 
 def _positions(tokens_BT, positions_BT):

@@ -30,7 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.config import ModelConfig
 from jaxscale.core import remat
-from jaxscale.core.dtypes import dtype
+from jaxscale.core.dtypes import dtype, weight_grad_dot
 from jaxscale.core.sharding import constrain
 from jaxscale.models.decoder import attend
 from jaxscale.models.nnx import nnx_factory
@@ -63,12 +63,13 @@ class Dense(nnx.Module):
             self.bias = None
         self.num_in = len(in_shape)
         self.dtype = dtype(cfg.dtype)
+        self.dot_general = weight_grad_dot(cfg.weight_grad_dtype, cfg.dtype) or jax.lax.dot_general
 
     def __call__(self, x):
         kernel = jnp.asarray(self.kernel[...], self.dtype)
         x = jnp.asarray(x, self.dtype)
         contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        y = self.dot_general(x, kernel, (contract, ((), ())))
         if self.bias is not None:
             y = y + jnp.asarray(self.bias[...], self.dtype)
         return y
