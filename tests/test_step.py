@@ -146,11 +146,21 @@ def test_training_moved_the_parameters():
 # Gradient accumulation; masking; z-loss.
 
 
+def _scanned_inputs(eqn):
+    """The inputs a scan equation slices (its xs, after the consts and the carry)."""
+    params = eqn.params
+    if "num_consts" in params:  # jax < 0.12: the counts of consts and carry
+        return eqn.invars[params["num_consts"] + params["num_carry"]:]
+    # jax >= 0.12: ft_in, a flat tree of (consts, carry, xs) over the invars
+    _, _, xs = params["ft_in"].update(eqn.invars).unpack()
+    return list(xs)
+
+
 def _scans(jaxpr):
     """(length, shapes of the scanned inputs) of every scan in a jaxpr, nested ones included."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan":
-            xs = eqn.invars[eqn.params["num_consts"] + eqn.params["num_carry"]:]
+            xs = _scanned_inputs(eqn)
             yield eqn.params["length"], [tuple(v.aval.shape) for v in xs]
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
