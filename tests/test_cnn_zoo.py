@@ -156,9 +156,13 @@ def test_googlenet_step_on_a_mesh_equals_one_device():
     # 1.3422 on one device): its overlapping 3x3 max-pools, over 1x1 to 4x4 maps in this tiny
     # version, turn rounding-level differences into a different winner in a window, and each step
     # compounds it. So each step starts both meshes from the same state, the one device's, and
-    # the step itself is compared: the loss and batch statistics to 1e-5, and each parameter's
-    # update to 1% of its size. A sharding error (a missing reduction, a wrong mean) moves the
-    # update by its own size; the max-pools move it by up to 0.23%.
+    # the step itself is compared: the loss and batch statistics to 1e-5, the whole update to 1%
+    # of its size (the norm of the difference against the update's norm) and each parameter's
+    # update to 5% of its size. A sharding error (a missing reduction, a wrong mean) moves a
+    # parameter's update by its own size. A window's winner changing moves them a little: with
+    # the libraries of 2026-12-07 on jax 0.10.2, step 1's update differs by 0.28% as a whole and
+    # by 2.9% in its worst parameter (inception5a/branch5_reduce's norm bias); steps 0 and 2 by
+    # 5e-6 and 1e-6 as a whole, 2e-4 at worst.
     overrides = [*OPTIM, *TINY["googlenet"][0]]
     one = build_on([*overrides, "mesh.fsdp=1"], jax.devices()[:1])
     many = build_on([*overrides, "mesh.fsdp=8"])
@@ -183,7 +187,10 @@ def test_googlenet_step_on_a_mesh_equals_one_device():
         for path, (update8, update1) in updates:
             size = np.abs(update1).max()
             assert size > 0, path
-            assert np.abs(update8 - update1).max() <= 1e-2 * size, (step, path)
+            assert np.abs(update8 - update1).max() <= 5e-2 * size, (step, path)
+        difference = sum(float(np.sum((u8 - u1) ** 2)) for _, (u8, u1) in updates)
+        total = sum(float(np.sum(u1 ** 2)) for _, (_, u1) in updates)
+        assert difference <= 1e-4 * total, (step, (difference / total) ** 0.5)
         state = s1
         losses.append(float(m1["loss"]))
     assert losses[-1] < losses[0]

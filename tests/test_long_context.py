@@ -88,11 +88,13 @@ def test_bad_context_settings_fail_with_one_line(overrides, message):
     assert str(e.value) == message
 
 
-def test_ring_over_eight_shards_needs_a_quarter_of_the_activation_memory():
+def test_ring_over_eight_shards_needs_under_a_third_of_the_activation_memory():
     """The tiny preset at seq_len 4096, global batch 8: mesh.sequence=8 with the ring against
     mesh.data=8 (one whole sequence per device), by XLA's compiled memory analysis. The ring
     step moves keys and values by collective-permute and gathers no activations (only the int32
-    batch fields, to lay them out for the balanced ring)."""
+    batch fields, to lay them out for the balanced ring). Its temporaries are 669 MB on jax
+    0.10.2 and 673 MB on 0.12.1; the data-parallel step's 3,285 and 2,210 MB (XLA 0.12 keeps
+    fewer of its [4, 4096, 4096] float32 scores alive): 4.9x and 3.3x the ring's."""
     from jaxscale.analysis import hlo
 
     long = ["seq_len=4096", "batch_size=8", "model.max_seq_len=4096", "data.source=synthetic",
@@ -103,7 +105,8 @@ def test_ring_over_eight_shards_needs_a_quarter_of_the_activation_memory():
         compiled = build(config_lib.load("tiny", [*long, *mesh])).lower().compile()
         temp[name] = compiled.memory_analysis().temp_size_in_bytes
         found[name] = hlo.collectives(compiled.as_text(), 8)
-    assert temp["data"] >= 4 * temp["ring"], temp
+    assert temp["data"] >= 3 * temp["ring"], temp
+    assert temp["ring"] < 700e6, temp
     assert any(c.kind == "collective-permute" for c in found["ring"])
     batch_fields_bytes = 5 * 8 * 4096 * 4
     gathered = sum(c.bytes for c in found["ring"] if c.kind == "all-gather")
