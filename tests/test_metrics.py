@@ -72,16 +72,28 @@ def test_known_peaks(kind, peak):
     assert metrics._known_peak(kind) == peak
 
 
-def test_cpu_peak_is_measured_and_cached(tmp_path, monkeypatch):
+def test_cpu_peak_is_the_best_rate_measured(tmp_path, monkeypatch):
+    """Measured once per process; the record keeps the best rate, so a run on a busy machine
+    (a low measurement) still divides by the machine's peak."""
     monkeypatch.setattr(metrics, "_CACHE", tmp_path)
+    rates = iter([5e10, 2e10, 6e10])
     calls = []
-    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda: calls.append(1) or 5e10)
-    assert metrics.cpu_peak_flops() == 5e10
-    assert metrics.cpu_peak_flops() == 5e10
-    assert calls == [1]
-    assert list(json.loads((tmp_path / "cpu_peak.json").read_text()).values()) == [5e10]
-    # Simulated devices share the machine's peak.
-    assert metrics.peak_flops_per_device() == 5e10 / jax.local_device_count()
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda: calls.append(1) or next(rates))
+    metrics.cpu_peak_flops.cache_clear()
+    try:
+        assert metrics.cpu_peak_flops() == 5e10
+        assert metrics.cpu_peak_flops() == 5e10 and calls == [1]  # once per process
+        # Simulated devices share the machine's peak.
+        assert metrics.peak_flops_per_device() == 5e10 / jax.local_device_count()
+        record = tmp_path / "cpu_peak.json"
+        for measured, best in ((2e10, 5e10), (6e10, 6e10)):  # later processes
+            metrics.cpu_peak_flops.cache_clear()
+            assert metrics.cpu_peak_flops() == best, measured
+            assert list(json.loads(record.read_text()).values()) == [best]
+        (key,) = json.loads(record.read_text())
+        assert key.endswith(f"-jax{jax.__version__}")
+    finally:
+        metrics.cpu_peak_flops.cache_clear()
 
 
 def test_measured_matmul_rate_is_plausible():
