@@ -150,9 +150,9 @@ ENTRY %main (w: f32[8,8], g: f32[64,8], n: f32[8]) -> f32[64,8] {
 def test_as_partitioned_takes_the_partitioners_element_widths():
     compiled = hlo.collectives(COMPILED, 8)
     assert [c.bytes for c in compiled] == [64 * 8 * 4, 64 * 8 * 4 + 8 * 4, 8 * 8 * 4]
-    ag, ar, a2a = hlo.as_partitioned(compiled, COMPILED, PARTITIONED)
+    ag, ar, a2a = hlo.as_partitioned(compiled, PARTITIONED)
     assert ag.bytes == 64 * 8 * 2  # gathered in bf16
     assert ar.bytes == 64 * 8 * 2 + 8 * 4  # the weight gradient in bf16, the norm's in f32
     assert a2a.bytes == 8 * 8 * 4  # no partitioned counterpart: as compiled
     # one device (no partitioner ran): unchanged
-    assert hlo.as_partitioned(compiled, COMPILED, "") == compiled
+    assert hlo.as_partitioned(compiled, "") == compiled

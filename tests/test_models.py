@@ -184,6 +184,33 @@ def test_scan_unroll_keeps_the_parameters_logits_and_gradients(model, unroll):
 
 
 
+@pytest.mark.parametrize("x_shape, w_shape, contract", [
+    ((4, 8), (8, 3), ((1,), (0,))),  # a plain dense layer
+    ((2, 5, 8), (8, 4, 6), ((2,), (0,))),  # query/key/value: [D] -> [heads, head_dim]
+    ((2, 5, 4, 6), (4, 6, 8), ((2, 3), (0, 1))),  # the attention output: [heads, head_dim] -> [D]
+    ((2, 6, 5, 4), (4, 6, 8), ((3, 1), (0, 1))),  # contracted axes out of order
+])
+def test_weight_gradient_matmul_equals_autodiff(x_shape, w_shape, contract):
+    """In float32 the custom VJP of `weight_grad_dot` is autodiff's, for every layout the dense
+    layers use; in bf16 the weight's gradient matmul takes bf16 operands with a float32 result."""
+    from jaxscale.core.dtypes import _dot
+
+    rng = np.random.default_rng(0)
+    dims = (contract, ((), ()))
+    x, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x_shape, w_shape))
+    g = jnp.asarray(rng.normal(size=jax.lax.dot_general(x, w, dims).shape), jnp.float32)
+    ref = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), x, w)[1](g)
+    got = jax.vjp(lambda a, b: _dot(a, b, dims, None, jnp.float32), x, w)[1](g)
+    assert_trees_close(got, ref, rtol=1e-6, atol=1e-6)
+    jaxpr = jax.make_jaxpr(jax.vjp(lambda b: _dot(x.astype(jnp.bfloat16), b, dims, None,
+                                                  jnp.float32), w.astype(jnp.bfloat16))[1])(
+        g.astype(jnp.bfloat16))
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [v.aval.dtype for e in dots for v in e.invars] == [jnp.bfloat16] * 4
+    # the input's gradient in bf16, the weight's in float32
+    assert sorted(str(e.outvars[0].aval.dtype) for e in dots) == ["bfloat16", "float32"]
+
+
 def test_float32_weight_gradients_change_only_the_gradients_rounding():
     """model.weight_grad_dtype=float32 on a bf16 model: the same logits bit for bit, gradients
     within bf16 rounding of the compute-dtype ones; on a float32 model it is the plain matmul."""

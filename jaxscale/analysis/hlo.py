@@ -66,6 +66,7 @@ class Collective:
     trips: int = 1  # times it runs per step (the enclosing loop's trip count, when known)
     sliced_bytes: int = 0  # all-reduce: bytes of the results whose users keep only a slice
     op_name: str = ""  # the jax operation it comes from (the instruction's metadata)
+    type: str = ""  # the instruction's HLO type (an array, or a tuple of them)
 
 
 @dataclasses.dataclass
@@ -264,7 +265,8 @@ def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
         sliced = _sliced_bytes(instr, sizes, instrs, users, by_comp) if kind == "all-reduce" else 0
         op = _OP_NAME.search(instr.attrs)
         out.append(Collective(kind, instr.name, nbytes, size, groups,
-                              trips.get(instr.computation, 1), sliced, op.group(1) if op else ""))
+                              trips.get(instr.computation, 1), sliced, op.group(1) if op else "",
+                              instr.type))
     return out
 
 
@@ -295,7 +297,6 @@ def _loop_trips(instrs: dict[str, _Instr]) -> dict[str, int]:
     return out
 
 
-
 # The module dumped right after this pass is the partitioned one (`compile_partitioned`).
 _PARTITIONER = "spmd-partitioning"
 
@@ -315,15 +316,15 @@ def compile_partitioned(lowered: Any) -> tuple[Any, str]:
             return compiled, f.read()
 
 
-def as_partitioned(items: Sequence[Collective], compiled_text: str, partitioned_text: str
-                   ) -> list[Collective]:
+def as_partitioned(items: Sequence[Collective], partitioned_text: str) -> list[Collective]:
     """`items` (the compiled module's collectives) in the element widths of the partitioned
     module (see the module docstring): an array whose jax operation the partitioner gave
     narrower elements (bf16 where the CPU compiled f32) has its bytes scaled to them.
 
     Collectives are matched by kind and jax operation name. A combined collective (a tuple)
     names its elements' operations as ``prefix/first:second:...``, the later ones relative to
-    the common prefix; each is matched to the partitioned operation that ends with it.
+    the common prefix; a name is matched exactly, else to the one partitioned operation that
+    ends with it.
     """
     if not partitioned_text:
         return list(items)
@@ -332,31 +333,27 @@ def as_partitioned(items: Sequence[Collective], compiled_text: str, partitioned_
         kind, op = _kind(instr, {}), _OP_NAME.search(instr.attrs)
         widths = {_DTYPE_BYTES[d] for d, _ in _ARRAY.findall(instr.type) if d in _DTYPE_BYTES}
         if kind and op and len(widths) == 1:
-            key = (kind, op.group(1))
-            narrow[key] = min(widths.pop(), narrow.get(key, 99))
+            key, width = (kind, op.group(1)), widths.pop()
+            narrow[key] = min(width, narrow.get(key, width))
 
-    def width_of(kind: str, name: str, first: bool) -> int | None:
-        if first:
-            return narrow.get((kind, name))
+    def width_of(kind: str, name: str) -> int | None:
+        if (kind, name) in narrow:
+            return narrow[kind, name]
         found = {w for (k, n), w in narrow.items() if k == kind and n.endswith("/" + name)}
         return found.pop() if len(found) == 1 else None
 
-    compiled = parse(compiled_text)
     out = []
     for c in items:
-        instr = compiled.get(c.name)
-        arrays = [(d, dims) for d, dims in _ARRAY.findall(instr.type) if d in _DTYPE_BYTES] \
-            if instr is not None else []
+        arrays = [(d, dims) for d, dims in _ARRAY.findall(c.type) if d in _DTYPE_BYTES]
         names = c.op_name.split(":")
         if len(names) != len(arrays):
             names = [names[0]] * len(arrays)
         full = partial = 0
-        for i, ((dtype, dims), name) in enumerate(zip(arrays, names, strict=True)):
+        for (dtype, dims), name in zip(arrays, names, strict=True):
             size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
             width = _DTYPE_BYTES[dtype]
             full += size * width
-            partial += size * min(width, width_of(c.kind, name, i == 0 or len(set(names)) == 1)
-                                  or width)
+            partial += size * min(width, width_of(c.kind, name) or width)
         if partial < full:
             ratio = partial / full
             c = dataclasses.replace(c, bytes=round(c.bytes * ratio),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -74,11 +75,15 @@ class Compiled:
     log: str  # what XLA logged while compiling
     partitioned: str = ""  # the module after the SPMD partitioner, on the CPU (`hlo` docstring)
 
+    @functools.cached_property
+    def text(self) -> str:
+        """The compiled module's HLO text."""
+        return self.compiled.as_text()
+
     def collectives(self) -> list[hlo.Collective]:
         """The step's collectives, with the element widths the partitioner gave them."""
-        text = self.compiled.as_text()
-        items = hlo.collectives(text, self.mesh.devices.size)
-        return hlo.as_partitioned(items, text, self.partitioned)
+        items = hlo.collectives(self.text, self.mesh.devices.size)
+        return hlo.as_partitioned(items, self.partitioned)
 
     @property
     def cfg(self) -> Config:

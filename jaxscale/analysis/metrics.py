@@ -148,8 +148,9 @@ def cpu_peak_flops() -> float:
         cached = json.loads(cache.read_text())
     except (OSError, ValueError):
         cached = {}
-    peak = max(measure_matmul_flops(), float(cached.get(key, 0.0)))
-    if peak > float(cached.get(key, 0.0)):
+    best = float(cached.get(key, 0.0))
+    peak = max(measure_matmul_flops(), best)
+    if peak > best:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".tmp{os.getpid()}")

@@ -327,7 +327,7 @@ def evaluate(cfg: Config, cand: Candidate, num_devices: int, target: Target,
         run.flops_per_example() or (stats.flops or 0.0) * num_devices / c_cfg.batch_size)
     est.compute_s, est.model_s = compute_seconds(c_cfg, cand.remat, num_devices, target,
                                                  flops_per_example=per_example)
-    text = compiled.compiled.as_text()
+    text = compiled.text
     collectives = compiled.collectives()
     if run.pipeline is not None:
         # The stage-to-stage sends are the tick loop's collective-permutes, already among these

@@ -44,25 +44,49 @@ def _dot_fwd(lhs, rhs, dimension_numbers, precision, grad_dtype):
 
 def _dot_bwd(dimension_numbers, precision, grad_dtype, residuals, g):
     lhs, rhs = residuals
-    _, lhs_vjp = jax.vjp(lambda x: jax.lax.dot_general(x, rhs, dimension_numbers, precision), lhs)
-    # The weights' gradient matmul accumulates into and emits `grad_dtype`: the cross-device sum
-    # of the per-device partial gradients runs in it; the result is rounded to the weights'
-    # dtype once, after the sum.
-    _, rhs_vjp = jax.vjp(lambda w: jax.lax.dot_general(
-        lhs, w, dimension_numbers, precision, preferred_element_type=grad_dtype), rhs)
-    return lhs_vjp(g)[0], rhs_vjp(g.astype(grad_dtype))[0]
+    lhs_grad = jax.linear_transpose(
+        lambda x: jax.lax.dot_general(x, rhs, dimension_numbers, precision), lhs)
+    return lhs_grad(g)[0], _weight_grad(lhs, g, rhs, dimension_numbers, precision, grad_dtype)
+
+
+def _weight_grad(lhs, g, rhs, dimension_numbers, precision, grad_dtype):
+    """The gradient of ``dot_general(lhs, rhs)`` w.r.t. `rhs` (no batch dimensions): `lhs` and
+    the output's cotangent `g`, both in the compute dtype, contracted over `lhs`'s free axes with
+    a `grad_dtype` result, so the cross-device sum of the per-device partial gradients runs in
+    `grad_dtype`; it is rounded to the weights' dtype once, after that sum."""
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    assert batch == ((), ()), "weight_grad_dot: a weight's matmul has no batch dimensions"
+    lhs_free = [a for a in range(lhs.ndim) if a not in lhs_contract]
+    # g's axes: lhs's free axes, then rhs's free axes (dot_general's output order)
+    out = jax.lax.dot_general(lhs, g.astype(lhs.dtype),
+                              ((lhs_free, range(len(lhs_free))), ((), ())), precision,
+                              preferred_element_type=grad_dtype)
+    # out's axes: lhs's contracted axes in increasing order, then rhs's free axes
+    order = sorted(lhs_contract)
+    rhs_free = [a for a in range(rhs.ndim) if a not in rhs_contract]
+    source = {r: order.index(c) for c, r in zip(lhs_contract, rhs_contract, strict=True)}
+    source.update({r: len(order) + i for i, r in enumerate(rhs_free)})
+    return jnp.transpose(out, [source[a] for a in range(rhs.ndim)]).astype(rhs.dtype)
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
+def weight_grad_dtype(grad_dtype: str, compute_dtype: str) -> type | None:
+    """The dtype `model.weight_grad_dtype` names, or None where it is the compute dtype anyway
+    ("compute", or a float32 model)."""
+    if grad_dtype == "compute" or dtype(grad_dtype) == dtype(compute_dtype):
+        return None
+    return dtype(grad_dtype)
+
+
 def weight_grad_dot(grad_dtype: str, compute_dtype: str) -> Callable | None:
     """A `jax.lax.dot_general` for layers whose second operand is a weight, with the weight's
     gradient computed in `grad_dtype` (`model.weight_grad_dtype`); None when that is the compute
-    dtype anyway ("compute", or a float32 model), so layers keep the plain matmul."""
-    if grad_dtype == "compute" or dtype(grad_dtype) == dtype(compute_dtype):
+    dtype anyway, so layers keep the plain matmul."""
+    target = weight_grad_dtype(grad_dtype, compute_dtype)
+    if target is None:
         return None
-    target = dtype(grad_dtype)
 
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
         if preferred_element_type is not None and preferred_element_type != lhs.dtype:

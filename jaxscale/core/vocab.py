@@ -60,12 +60,18 @@ def cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array,
     `targets_BT` must be valid ids (callers mask ignored positions through `weight_BT`). A
     one-hot contraction keeps the vocabulary dimension shardable (no gather across devices).
     """
-    logits_BTV = logits_BTV.astype(jnp.float32)
+    _, sums = _lse_and_sums(logits_BTV.astype(jnp.float32), targets_BT, weight_BT)
+    return sums
+
+
+def _lse_and_sums(logits_BTV, targets_BT, weight_BT):
+    """(logsumexp of float32 logits, (cross-entropy sum, logsumexp^2 sum))."""
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.einsum(
         "btv,btv->bt", logits_BTV, jax.nn.one_hot(targets_BT, logits_BTV.shape[-1])
     )
-    return jnp.sum((lse_BT - target_logit_BT) * weight_BT), jnp.sum(jnp.square(lse_BT) * weight_BT)
+    return lse_BT, (jnp.sum((lse_BT - target_logit_BT) * weight_BT),
+                    jnp.sum(jnp.square(lse_BT) * weight_BT))
 
 
 def chunk_length(seq_len: int, chunk: int) -> int:
@@ -92,14 +98,15 @@ def chunked_cross_entropy_sums(head: HeadInputs, targets_BT: jax.Array, weight_B
         return jnp.swapaxes(x_BT.reshape(B, T // C, C, *x_BT.shape[2:]), 0, 1)
 
     def chunk_sums(kernel, bias_V, hidden_BCD, targets_BC, weight_BC):
-        """A chunk's logits (as the decoder's head computes them) and their two sums."""
+        """A chunk's float32 logits (as the decoder's head computes them, then promoted), their
+        logsumexp and their two sums."""
         projection = head.replace(hidden_BTD=None, kernel=kernel, bias_V=bias_V)
-        logits_BCV = constrain(projection.logits(hidden_BCD), LOGITS_AXES)
-        return logits_BCV, cross_entropy_sums(logits_BCV, targets_BC, weight_BC)
+        logits_BCV = constrain(projection.logits(hidden_BCD), LOGITS_AXES).astype(jnp.float32)
+        return logits_BCV, *_lse_and_sums(logits_BCV, targets_BC, weight_BC)
 
     def sums_only(kernel, bias_V, hidden_BTD):
         def body(carry, xs):
-            _, (ce, z) = chunk_sums(kernel, bias_V, *xs)
+            _, _, (ce, z) = chunk_sums(kernel, bias_V, *xs)
             return (carry[0] + ce, carry[1] + z), None
 
         zero = jnp.zeros((), jnp.float32)
@@ -118,9 +125,7 @@ def chunked_cross_entropy_sums(head: HeadInputs, targets_BT: jax.Array, weight_B
         def body(carry, xs):
             ce_acc, z_acc, dkernel, dbias = carry
             hidden_BCD, targets_BC, weight_BC = xs
-            logits_BCV, (ce, z) = chunk_sums(k, bias_V, *xs)
-            logits_BCV = logits_BCV.astype(jnp.float32)
-            lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+            logits_BCV, lse_BC, (ce, z) = chunk_sums(k, bias_V, *xs)
             probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
             # d(ce + z_loss * lse^2) / d logits, weighted; cast to the compute dtype as the
             # transpose of the head's float32 promotion would

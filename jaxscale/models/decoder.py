@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.config import ModelConfig
 from jaxscale.core import context, remat
-from jaxscale.core.dtypes import dtype, weight_grad_dot
+from jaxscale.core.dtypes import dtype, weight_grad_dot, weight_grad_dtype
 from jaxscale.core.sharding import constrain
 from jaxscale.core.vocab import HeadInputs
 from jaxscale.models.adapter import Stages
@@ -48,11 +48,6 @@ def _dense(cfg: ModelConfig, features, axes, *, name, axis=-1, std=None, bias=No
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[num_in:]),
         name=name,
     )
-
-
-def _weight_grad_dtype(cfg: ModelConfig):
-    """`model.weight_grad_dtype` as a dtype (None: the compute dtype)."""
-    return None if cfg.weight_grad_dtype == "compute" else dtype(cfg.weight_grad_dtype)
 
 
 def norm_layer(cfg: ModelConfig, name: str) -> nn.Module:
@@ -402,7 +397,7 @@ def _logits(cfg: ModelConfig, x_BTD, embed: nn.Embed | None = None, *, hidden: b
         )
         if hidden:
             return HeadInputs(x_BTD, embed.embedding, None, tied=True, dtype=dtype(cfg.dtype),
-                              grad_dtype=_weight_grad_dtype(cfg))
+                              grad_dtype=weight_grad_dtype(cfg.weight_grad_dtype, cfg.dtype))
         logits_BTV = embed.attend(x_BTD)
     elif hidden:
         return _VocabProjection(cfg, name="lm_head")(x_BTD)
@@ -426,7 +421,7 @@ class _VocabProjection(nn.Module):
         bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
                            (cfg.vocab_size,), dtype(cfg.param_dtype)) if cfg.use_bias else None)
         return HeadInputs(x_BTD, kernel, bias, tied=False, dtype=dtype(cfg.dtype),
-                          grad_dtype=_weight_grad_dtype(cfg))
+                          grad_dtype=weight_grad_dtype(cfg.weight_grad_dtype, cfg.dtype))
 
 
 def _positions(tokens_BT, positions_BT):
