@@ -17,13 +17,16 @@ V vocabulary.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec
 
-from jaxscale.core.sharding import constrain
+from jaxscale.core.sharding import axes_of, constrain
+from jaxscale.core.sharding.rules import constrain_spec, context_spec, current_context
 
 LOGITS_AXES = ("batch", "length", "act_vocab")
 
@@ -74,6 +77,48 @@ def _lse_and_sums(logits_BTV, targets_BT, weight_BT):
                     jnp.sum(jnp.square(lse_BT) * weight_BT))
 
 
+@struct.dataclass
+class VocabSplit:
+    """The vocabulary-parallel layout of the chunked loss: where the projection's weights are
+    split over mesh axes that also carry the batch (FSDP), the loss moves the hidden states
+    instead of the weights. Each device projects the positions of every example on those axes
+    onto its own slice of the vocabulary; the logsumexp is summed across the slices and the
+    hidden states' gradient reduce-scattered back, so the weights are never gathered and their
+    gradient is formed where they live."""
+
+    rows: PartitionSpec = struct.field(pytree_node=False)  # [B, C, ...]: hidden states, targets
+    logits: PartitionSpec = struct.field(pytree_node=False)  # [B, C, V]
+    kernel: PartitionSpec = struct.field(pytree_node=False)  # the weights, split over V
+
+
+def vocab_split(head: HeadInputs) -> VocabSplit | None:
+    """The vocabulary-parallel layout for `head` under the enclosing activation sharding, or
+    None: outside one, where the weights are not split over any axis of the batch, or where
+    the vocabulary does not divide over the axes it would take."""
+    context = current_context()
+    if context is None:
+        return None
+    mesh = context[0]
+    kernel_axes = ("vocab", "embed") if head.tied else ("embed", "vocab")
+    vocab_dim = kernel_axes.index("vocab")
+    kernel_spec = context_spec(kernel_axes)
+    batch_spec = context_spec(("batch", "length"))
+    batch = axes_of(batch_spec[0])
+    split = {a for target in kernel_spec for a in axes_of(target)}
+    moved = tuple(a for a in batch if a in split and mesh.shape[a] > 1)
+    if not moved:
+        return None
+    vocab = axes_of(kernel_spec[vocab_dim])
+    vocab += tuple(a for a in moved if a not in vocab)
+    if head.kernel.shape[vocab_dim] % math.prod(mesh.shape[a] for a in vocab):
+        return None
+    rest = tuple(a for a in batch if a not in moved) or None
+    kernel = (vocab, None) if head.tied else (None, vocab)
+    return VocabSplit(rows=PartitionSpec(rest, batch_spec[1]),
+                      logits=PartitionSpec(rest, batch_spec[1], vocab),
+                      kernel=PartitionSpec(*kernel))
+
+
 def chunk_length(seq_len: int, chunk: int) -> int:
     """The largest divisor of `seq_len` that is at most `chunk` (chunks tile the sequence)."""
     return max(c for c in range(1, min(chunk, seq_len) + 1) if seq_len % c == 0)
@@ -94,64 +139,93 @@ def chunked_cross_entropy_sums(head: HeadInputs, targets_BT: jax.Array, weight_B
     C = chunk_length(T, chunk)
     V = head.kernel.shape[0 if head.tied else 1]
 
-    def split(x_BT):  # [B, T, ...] -> [N, B, C, ...]: the scan runs over chunks of positions
+    def chunks(x_BT):  # [B, T, ...] -> [N, B, C, ...]: the scan runs over chunks of positions
         return jnp.swapaxes(x_BT.reshape(B, T // C, C, *x_BT.shape[2:]), 0, 1)
+
+    split = vocab_split(head)
+
+    def to_logits_layout(x_BCV):
+        if split is None:
+            return constrain(x_BCV, LOGITS_AXES)
+        return constrain_spec(x_BCV, split.logits)
 
     def chunk_sums(kernel, bias_V, hidden_BCD, targets_BC, weight_BC):
         """A chunk's float32 logits (as the decoder's head computes them, then promoted), their
-        logsumexp and their two sums."""
+        logsumexp and their two sums; vocabulary-parallel, the chunk's positions of the
+        examples on the moved axes (gathered in the compute dtype)."""
+        if split is not None:
+            hidden_BCD = constrain_spec(hidden_BCD.astype(head.dtype), split.rows)
+            targets_BC, weight_BC = (constrain_spec(x, split.rows)
+                                     for x in (targets_BC, weight_BC))
         projection = head.replace(hidden_BTD=None, kernel=kernel, bias_V=bias_V)
-        logits_BCV = constrain(projection.logits(hidden_BCD), LOGITS_AXES).astype(jnp.float32)
-        return logits_BCV, *_lse_and_sums(logits_BCV, targets_BC, weight_BC)
+        logits_BCV = to_logits_layout(projection.logits(hidden_BCD)).astype(jnp.float32)
+        return (logits_BCV, hidden_BCD, targets_BC, weight_BC,
+                *_lse_and_sums(logits_BCV, targets_BC, weight_BC))
 
     def sums_only(kernel, bias_V, hidden_BTD):
         def body(carry, xs):
-            _, _, (ce, z) = chunk_sums(kernel, bias_V, *xs)
+            *_, (ce, z) = chunk_sums(kernel, bias_V, *xs)
             return (carry[0] + ce, carry[1] + z), None
 
         zero = jnp.zeros((), jnp.float32)
         (ce, z), _ = jax.lax.scan(
-            body, (zero, zero), (split(hidden_BTD), split(targets_BT), split(weight_BT)))
+            body, (zero, zero), (chunks(hidden_BTD), chunks(targets_BT), chunks(weight_BT)))
         return ce + z_loss * z, ce, z
 
     def with_gradient(kernel, bias_V, hidden_BTD):
         """The sums, and the objective's gradient w.r.t. the kernel, bias and hidden states."""
         cast = head.dtype
         kernel_axes = ("vocab", "embed") if head.tied else ("embed", "vocab")
-        # One copy of the weights, gathered over the model width (FSDP) and still split over
-        # the vocabulary (tensor), serves both the logits and the hidden states' gradient
-        k = constrain(kernel.astype(cast), ("vocab", None) if head.tied else (None, "vocab"))
+        if split is None:
+            # One copy of the weights, gathered over the model width (FSDP) and still split
+            # over the vocabulary (tensor), serves the logits and the hidden states' gradient
+            k = constrain(kernel.astype(cast), ("vocab", None) if head.tied else (None, "vocab"))
+        else:  # split over the vocabulary on the moved axes as well: an all-to-all, or nothing
+            k = constrain_spec(kernel.astype(cast), split.kernel)
 
         def body(carry, xs):
             ce_acc, z_acc, dkernel, dbias = carry
-            hidden_BCD, targets_BC, weight_BC = xs
-            logits_BCV, lse_BC, (ce, z) = chunk_sums(k, bias_V, *xs)
+            dtype_BCD = xs[0].dtype
+            logits_BCV, hidden_BCD, targets_BC, weight_BC, lse_BC, (ce, z) = chunk_sums(
+                k, bias_V, *xs)
             probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
             # d(ce + z_loss * lse^2) / d logits, weighted; cast to the compute dtype as the
             # transpose of the head's float32 promotion would
             dlogits_BCV = (probs_BCV * (1.0 + 2.0 * z_loss * lse_BC[..., None])
                            - jax.nn.one_hot(targets_BC, V)) * weight_BC[..., None]
-            dlogits_BCV = constrain(dlogits_BCV.astype(cast), LOGITS_AXES)
+            dlogits_BCV = to_logits_layout(dlogits_BCV.astype(cast))
             x_BCD = hidden_BCD.astype(cast)
             grad = head.grad_dtype or cast
+            # vocabulary-parallel, each device's dx is a partial sum over its slice of the
+            # vocabulary: summed across them in float32, then rounded as one matmul would be
+            partial = jnp.float32 if split is not None else None
             if head.tied:  # logits = x @ k.T, k [V, D]
-                dx_BCD = jnp.einsum("bcv,vd->bcd", dlogits_BCV, k)
+                dx_BCD = jnp.einsum("bcv,vd->bcd", dlogits_BCV, k, preferred_element_type=partial)
                 dk = jnp.einsum("bcv,bcd->vd", dlogits_BCV, x_BCD, preferred_element_type=grad)
             else:  # logits = x @ k, k [D, V]
-                dx_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, k)
+                dx_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, k, preferred_element_type=partial)
                 dk = jnp.einsum("bcd,bcv->dv", x_BCD, dlogits_BCV, preferred_element_type=grad)
-            # accumulated in the kernel's own sharding (FSDP: each chunk's part reduce-scattered)
-            dkernel = constrain(dkernel + dk.astype(kernel.dtype), kernel_axes)
+            if split is None:
+                # accumulated in the kernel's own sharding (FSDP: each chunk's part
+                # reduce-scattered)
+                dkernel = constrain(dkernel + dk.astype(kernel.dtype), kernel_axes)
+            else:  # accumulated where each device's slice of the vocabulary lives
+                dkernel = constrain_spec(dkernel + dk.astype(kernel.dtype), split.kernel)
+                dx_BCD = constrain(dx_BCD, ("batch", "length", "act_embed"))
             if bias_V is not None:
                 dbias = dbias + jnp.sum(dlogits_BCV, axis=(0, 1)).astype(bias_V.dtype)
             carry = (ce_acc + ce, z_acc + z, dkernel, dbias)
-            return carry, dx_BCD.astype(hidden_BCD.dtype)
+            return carry, dx_BCD.astype(dtype_BCD)
 
         zero = jnp.zeros((), jnp.float32)
         dbias = None if bias_V is None else jnp.zeros_like(bias_V)
+        dkernel = jnp.zeros_like(kernel)
+        if split is not None:
+            dkernel = constrain_spec(dkernel, split.kernel)
         (ce, z, dkernel, dbias), dx_NBCD = jax.lax.scan(
-            body, (zero, zero, jnp.zeros_like(kernel), dbias),
-            (split(hidden_BTD), split(targets_BT), split(weight_BT)))
+            body, (zero, zero, dkernel, dbias),
+            (chunks(hidden_BTD), chunks(targets_BT), chunks(weight_BT)))
+        dkernel = constrain(dkernel, kernel_axes)  # back to the weights' own sharding
         dhidden_BTD = jnp.swapaxes(dx_NBCD, 0, 1).reshape(B, T, D)
         return (ce + z_loss * z, ce, z), (dkernel, dbias, dhidden_BTD)
 

@@ -287,7 +287,29 @@ def constrain(x: jax.Array, logical_axes: Sequence[LogicalName]) -> jax.Array:
         return x
     mesh, rules = context
     what = f"activation {tuple(logical_axes)}"
-    sharding = named_sharding(mesh, logical_axes, rules, x.shape, what=what)
+    return _constrained(x, named_sharding(mesh, logical_axes, rules, x.shape, what=what))
+
+
+def constrain_spec(x: jax.Array, spec: PartitionSpec) -> jax.Array:
+    """Constrain an array to a PartitionSpec of mesh axes, for sharding code that derives specs
+    from the rules (see `context_spec`); a no-op outside `activation_sharding`."""
+    context = current_context()
+    if context is None:
+        return x
+    return _constrained(x, NamedSharding(context[0], spec))
+
+
+def context_spec(logical_axes: Sequence[LogicalName]) -> PartitionSpec | None:
+    """What the enclosing `activation_sharding`'s rules make of these logical axes (None
+    outside one): the spec of a parameter or activation so annotated."""
+    context = current_context()
+    if context is None:
+        return None
+    mesh, rules = context
+    return logical_to_spec(logical_axes, rules, mesh_axis_names=mesh.axis_names)
+
+
+def _constrained(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     ambient = jax.sharding.get_abstract_mesh()
     if not ambient.empty and ambient.manual_axes:
         # Inside a shard_map over some axes (a pipeline stage): the constraint is on the other
