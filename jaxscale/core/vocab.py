@@ -9,7 +9,8 @@ projected onto the hidden states and the projection's weights while the chunk's 
 so nothing is recomputed in the backward pass: the logits cost one matmul, their gradient two,
 as for the whole-vocabulary loss. The sums agree with the whole-vocabulary ones to float32
 rounding (they are added chunk by chunk); the projection is the decoder's own (same dtype
-promotion), so each chunk's logits are the ones the decoder would have returned.
+promotion), so each chunk's logits are the ones the decoder would have returned. Under FSDP the
+loss is vocabulary-parallel (`VocabSplit`): the hidden states move, the weights stay split.
 
 Array suffixes: B batch, T positions, C positions of a chunk, N chunks, D model width,
 V vocabulary.
@@ -89,6 +90,7 @@ class VocabSplit:
     rows: PartitionSpec = struct.field(pytree_node=False)  # [B, C, ...]: hidden states, targets
     logits: PartitionSpec = struct.field(pytree_node=False)  # [B, C, V]
     kernel: PartitionSpec = struct.field(pytree_node=False)  # the weights, split over V
+    bias: PartitionSpec = struct.field(pytree_node=False)  # [V], split as the weights' V
 
 
 def vocab_split(head: HeadInputs) -> VocabSplit | None:
@@ -116,7 +118,7 @@ def vocab_split(head: HeadInputs) -> VocabSplit | None:
     kernel = (vocab, None) if head.tied else (None, vocab)
     return VocabSplit(rows=PartitionSpec(rest, batch_spec[1]),
                       logits=PartitionSpec(rest, batch_spec[1], vocab),
-                      kernel=PartitionSpec(*kernel))
+                      kernel=PartitionSpec(*kernel), bias=PartitionSpec(vocab))
 
 
 def chunk_length(seq_len: int, chunk: int) -> int:
@@ -182,6 +184,8 @@ def chunked_cross_entropy_sums(head: HeadInputs, targets_BT: jax.Array, weight_B
             k = constrain(kernel.astype(cast), ("vocab", None) if head.tied else (None, "vocab"))
         else:  # split over the vocabulary on the moved axes as well: an all-to-all, or nothing
             k = constrain_spec(kernel.astype(cast), split.kernel)
+            if bias_V is not None:  # the bias split as the weights' vocabulary
+                bias_V = constrain_spec(bias_V, split.bias)
 
         def body(carry, xs):
             ce_acc, z_acc, dkernel, dbias = carry
@@ -214,11 +218,15 @@ def chunked_cross_entropy_sums(head: HeadInputs, targets_BT: jax.Array, weight_B
                 dx_BCD = constrain(dx_BCD, ("batch", "length", "act_embed"))
             if bias_V is not None:
                 dbias = dbias + jnp.sum(dlogits_BCV, axis=(0, 1)).astype(bias_V.dtype)
+                if split is not None:
+                    dbias = constrain_spec(dbias, split.bias)
             carry = (ce_acc + ce, z_acc + z, dkernel, dbias)
             return carry, dx_BCD.astype(dtype_BCD)
 
         zero = jnp.zeros((), jnp.float32)
         dbias = None if bias_V is None else jnp.zeros_like(bias_V)
+        if split is not None and bias_V is not None:
+            dbias = constrain_spec(dbias, split.bias)
         dkernel = jnp.zeros_like(kernel)
         if split is not None:
             dkernel = constrain_spec(dkernel, split.kernel)
@@ -226,6 +234,8 @@ def chunked_cross_entropy_sums(head: HeadInputs, targets_BT: jax.Array, weight_B
             body, (zero, zero, dkernel, dbias),
             (chunks(hidden_BTD), chunks(targets_BT), chunks(weight_BT)))
         dkernel = constrain(dkernel, kernel_axes)  # back to the weights' own sharding
+        if dbias is not None:
+            dbias = constrain(dbias, ("vocab",))
         dhidden_BTD = jnp.swapaxes(dx_NBCD, 0, 1).reshape(B, T, D)
         return (ce + z_loss * z, ce, z), (dkernel, dbias, dhidden_BTD)
 
