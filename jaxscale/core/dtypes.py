@@ -11,8 +11,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import ConfigError
+
+WEIGHT_DOT = "weight_dot"  # the checkpoint name of weight_grad_dot's output (core.remat)
 
 # config name -> jnp dtype; keyed by exactly `jaxscale.config.DTYPES` (tests/test_config.py)
 DTYPES: dict[str, type] = {
@@ -92,6 +95,8 @@ def weight_grad_dot(grad_dtype: str, compute_dtype: str) -> Callable | None:
         if preferred_element_type is not None and preferred_element_type != lhs.dtype:
             return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
                                        preferred_element_type=preferred_element_type)
-        return _dot(lhs, rhs, dimension_numbers, precision, target)
+        # named so that the dot-based remat policies, which see no dot_general inside a
+        # custom VJP, save it as they save the plain matmul
+        return checkpoint_name(_dot(lhs, rhs, dimension_numbers, precision, target), WEIGHT_DOT)
 
     return dot_general

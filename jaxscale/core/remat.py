@@ -24,6 +24,7 @@ from typing import Any
 import jax
 
 from jaxscale.config import ConfigError
+from jaxscale.core.dtypes import WEIGHT_DOT
 
 # Names models give to the tensors that name-based policies save.
 QUERY_PROJ = "query_proj"
@@ -32,19 +33,46 @@ VALUE_PROJ = "value_proj"
 ATTN_OUT = "attn_out"
 MLP_IN = "mlp_in"
 MLP_OUT = "mlp_out"
+# WEIGHT_DOT names the output of a weight's matmul with its own gradient rule
+# (`core.dtypes.weight_grad_dot`), a custom VJP: no dot-based policy sees a dot_general inside
+# it, so those policies save it by that name.
 
 _cp = jax.checkpoint_policies
+
+
+def _and_weight_dots(dot_policy: Callable[..., Any]) -> Callable[..., Any]:
+    """`dot_policy`, also saving the weight matmuls that carry their own gradient rule (a weight's
+    matmul has no batch dimensions, so every dot-based policy saves it)."""
+    return _cp.save_from_both_policies(dot_policy, _cp.save_only_these_names(WEIGHT_DOT))
+
+
+def _offload_with_weight_dots(src: str, dst: str) -> Callable[..., Any]:
+    """`offload_dot_with_no_batch_dims`, also offloading the weight matmuls with their own
+    gradient rule."""
+    dots = _cp.offload_dot_with_no_batch_dims(src, dst)
+    named = _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[WEIGHT_DOT],
+        offload_src=src, offload_dst=dst)
+
+    recompute = dots(jax.lax.add_p)  # what the dot policy answers for anything not a dot
+
+    def policy(prim, *args, **params):
+        decision = dots(prim, *args, **params)
+        return named(prim, *args, **params) if decision is recompute else decision
+
+    return policy
+
 
 # None means: do not wrap the layer in jax.checkpoint at all.
 POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
     "full": _cp.nothing_saveable,
-    "minimal": _cp.dots_with_no_batch_dims_saveable,
-    "save_dots": _cp.dots_saveable,
+    "minimal": _and_weight_dots(_cp.dots_with_no_batch_dims_saveable),
+    "save_dots": _and_weight_dots(_cp.dots_saveable),
     "save_qkv_proj": _cp.save_only_these_names(QUERY_PROJ, KEY_PROJ, VALUE_PROJ),
     "save_attn_out": _cp.save_only_these_names(ATTN_OUT),
     "save_mlp": _cp.save_only_these_names(MLP_IN),
-    "offload_dots": _cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "offload_dots": _offload_with_weight_dots("device", "pinned_host"),
 }
 
 # Policies that move residuals to host memory, and the memory kind they need.
