@@ -96,6 +96,29 @@ def test_cpu_peak_is_the_best_rate_measured(tmp_path, monkeypatch):
         metrics.cpu_peak_flops.cache_clear()
 
 
+def test_cpu_peak_drops_an_impossible_rate(tmp_path, monkeypatch):
+    """A reading above 1 TFLOP/s per core (a timing error) is neither used nor recorded, and a
+    record of one is replaced by the next real measurement."""
+    monkeypatch.setattr(metrics, "_CACHE", tmp_path)
+    monkeypatch.setattr(metrics.os, "cpu_count", lambda: 2)
+    record = tmp_path / "cpu_peak.json"
+    rates = iter([5e10, 6.8e14, 4e10])
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda: next(rates))
+    metrics.cpu_peak_flops.cache_clear()
+    try:
+        assert metrics.cpu_peak_flops() == 5e10
+        metrics.cpu_peak_flops.cache_clear()
+        assert metrics.cpu_peak_flops() == 5e10  # the 6.8e14 reading dropped
+        assert list(json.loads(record.read_text()).values()) == [5e10]
+        (key,) = json.loads(record.read_text())
+        record.write_text(json.dumps({key: 6.8e14}))  # a record written before the ceiling
+        metrics.cpu_peak_flops.cache_clear()
+        assert metrics.cpu_peak_flops() == 4e10
+        assert json.loads(record.read_text()) == {key: 4e10}
+    finally:
+        metrics.cpu_peak_flops.cache_clear()
+
+
 def test_measured_matmul_rate_is_plausible():
     rate = metrics.measure_matmul_flops(size=256, repeats=3)
     assert 1e8 < rate < 1e14

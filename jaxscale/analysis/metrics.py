@@ -108,6 +108,9 @@ PEAK_FLOPS: dict[str, float] = {
 }
 
 _CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "jaxscale"
+# No CPU core multiplies float32 matrices at 1 TFLOP/s (a wide-vector x86 core peaks near 0.2):
+# a rate above this per core is a timing error, and is neither used nor recorded.
+CPU_CEILING_PER_CORE = 1e12
 
 
 def _known_peak(device_kind: str) -> float | None:
@@ -140,7 +143,9 @@ def cpu_peak_flops() -> float:
     Each process measures once (a fraction of a second) and keeps the larger of that and the
     best one recorded in ~/.cache/jaxscale, which it updates: a measurement taken while the
     machine was busy would understate the peak and so overstate MFU, and a newer jax's
-    faster CPU backend gets its own record.
+    faster CPU backend gets its own record. A rate above `CPU_CEILING_PER_CORE` per core,
+    measured or recorded, is a timing error: it is dropped (else one such reading would become
+    the peak for good and every MFU near 0%).
     """
     key = f"{platform.machine()}-{platform.processor()}-{os.cpu_count()}-jax{jax.__version__}"
     cache = _CACHE / "cpu_peak.json"
@@ -148,8 +153,10 @@ def cpu_peak_flops() -> float:
         cached = json.loads(cache.read_text())
     except (OSError, ValueError):
         cached = {}
-    best = float(cached.get(key, 0.0))
-    peak = max(measure_matmul_flops(), best)
+    ceiling = CPU_CEILING_PER_CORE * (os.cpu_count() or 1)
+    best, measured = (rate if rate <= ceiling else 0.0
+                      for rate in (float(cached.get(key, 0.0)), measure_matmul_flops()))
+    peak = max(measured, best)
     if peak > best:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
