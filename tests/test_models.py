@@ -213,11 +213,25 @@ def test_weight_gradient_matmul_equals_autodiff(x_shape, w_shape, contract):
 
 def test_float32_weight_gradients_change_only_the_gradients_rounding():
     """model.weight_grad_dtype=float32 on a bf16 model: the same logits bit for bit, gradients
-    within bf16 rounding of the compute-dtype ones; on a float32 model it is the plain matmul."""
+    within bf16 rounding of the compute-dtype ones; on a float32 model the plain matmul forward
+    and the weight's gradient formed in the weight's own axis order."""
     from jaxscale.core.dtypes import weight_grad_dot
 
-    assert weight_grad_dot("float32", "float32") is None
-    assert weight_grad_dot("compute", "bfloat16") is None
+    # In the compute dtype (a float32 model; "compute") the forward pass is the plain matmul bit
+    # for bit, and the weight's gradient is one dot of the layer's input and the cotangent,
+    # already in the weight's [in, out] order: the input first, no transpose after it.
+    x, w = jnp.arange(24.0).reshape(2, 3, 4) / 24, jnp.arange(20.0).reshape(4, 5) / 20
+    dims = (((2,), (0,)), ((), ()))
+    for grad_dtype, compute in (("float32", "float32"), ("compute", "float32")):
+        dot = weight_grad_dot(grad_dtype, compute)
+        np.testing.assert_array_equal(dot(x, w, dims), jax.lax.dot_general(x, w, dims))
+        jaxpr = jax.make_jaxpr(jax.vjp(lambda b, dot=dot: dot(x, b, dims), w)[1])(
+            jnp.ones((2, 3, 5)))
+        (weight,) = [e for e in jaxpr.eqns
+                     if e.primitive.name == "dot_general" and e.outvars[0].aval.shape == (4, 5)]
+        assert [v.aval.shape for v in weight.invars] == [(2, 3, 4), (2, 3, 5)]
+        assert not [e for e in jaxpr.eqns
+                    if e.primitive.name == "transpose" and weight.outvars[0] in e.invars]
     base = style("llama", dtype="bfloat16")
     mixed = dataclasses.replace(base, weight_grad_dtype="float32")
     params = params_of(base)

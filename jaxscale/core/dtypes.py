@@ -83,13 +83,20 @@ def weight_grad_dtype(grad_dtype: str, compute_dtype: str) -> type | None:
     return dtype(grad_dtype)
 
 
-def weight_grad_dot(grad_dtype: str, compute_dtype: str) -> Callable | None:
+def weight_grad_dot(grad_dtype: str, compute_dtype: str) -> Callable:
     """A `jax.lax.dot_general` for layers whose second operand is a weight, with the weight's
-    gradient computed in `grad_dtype` (`model.weight_grad_dtype`); None when that is the compute
-    dtype anyway, so layers keep the plain matmul."""
-    target = weight_grad_dtype(grad_dtype, compute_dtype)
-    if target is None:
-        return None
+    gradient formed in the weight's own axis order and computed in `grad_dtype`
+    (`model.weight_grad_dtype`; "compute": the compute dtype).
+
+    Autodiff writes a weight's gradient as ``dot(g, x)`` transposed: the output's cotangent
+    first, its [out, in] product then transposed to the weight's [in, out]. The CPU backend
+    then copies the cotangent into a transposed layout before the matmul, which for an MLP's
+    input projections is the d_ff-wide activation gradient (10% of a small model's step). Here
+    the gradient is ``dot(x, g)`` over the positions, the weight's [in, out] directly, and the
+    operand laid out again (if any) is the layer's input. Same FLOPs, same values to float32
+    rounding; the forward pass is the plain matmul.
+    """
+    target = weight_grad_dtype(grad_dtype, compute_dtype) or dtype(compute_dtype)
 
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
         if preferred_element_type is not None and preferred_element_type != lhs.dtype:

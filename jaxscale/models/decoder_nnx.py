@@ -63,7 +63,7 @@ class Dense(nnx.Module):
             self.bias = None
         self.num_in = len(in_shape)
         self.dtype = dtype(cfg.dtype)
-        self.dot_general = weight_grad_dot(cfg.weight_grad_dtype, cfg.dtype) or jax.lax.dot_general
+        self.dot_general = weight_grad_dot(cfg.weight_grad_dtype, cfg.dtype)
 
     def __call__(self, x):
         kernel = jnp.asarray(self.kernel[...], self.dtype)
