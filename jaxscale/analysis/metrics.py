@@ -154,9 +154,12 @@ def cpu_peak_flops() -> float:
     except (OSError, ValueError):
         cached = {}
     ceiling = CPU_CEILING_PER_CORE * (os.cpu_count() or 1)
-    best, measured = (rate if rate <= ceiling else 0.0
-                      for rate in (float(cached.get(key, 0.0)), measure_matmul_flops()))
-    peak = max(measured, best)
+
+    def plausible(rate: float) -> float:
+        return rate if rate <= ceiling else 0.0
+
+    best = plausible(float(cached.get(key, 0.0)))
+    peak = max(plausible(measure_matmul_flops()), best)
     if peak > best:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

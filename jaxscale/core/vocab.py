@@ -44,6 +44,11 @@ class HeadInputs:
     # the dtype the kernel's gradient leaves its matmul in (model.weight_grad_dtype); None: dtype
     grad_dtype: Any = struct.field(pytree_node=False, default=None)
 
+    @property
+    def kernel_axes(self) -> tuple[str, str]:
+        """The kernel's logical axes, as the decoder annotates them."""
+        return ("vocab", "embed") if self.tied else ("embed", "vocab")
+
     def logits(self, hidden_BCD: jax.Array) -> jax.Array:
         """The logits of some positions, as the decoder's head computes them (nn.Embed.attend
         when tied, nn.DenseGeneral otherwise): inputs promoted to the compute dtype."""
@@ -101,9 +106,8 @@ def vocab_split(head: HeadInputs) -> VocabSplit | None:
     if context is None:
         return None
     mesh = context[0]
-    kernel_axes = ("vocab", "embed") if head.tied else ("embed", "vocab")
-    vocab_dim = kernel_axes.index("vocab")
-    kernel_spec = context_spec(kernel_axes)
+    vocab_dim = head.kernel_axes.index("vocab")
+    kernel_spec = context_spec(head.kernel_axes)
     batch_spec = context_spec(("batch", "length"))
     batch = axes_of(batch_spec[0])
     split = {a for target in kernel_spec for a in axes_of(target)}
@@ -177,15 +181,22 @@ def chunked_cross_entropy_sums(head: HeadInputs, targets_BT: jax.Array, weight_B
     def with_gradient(kernel, bias_V, hidden_BTD):
         """The sums, and the objective's gradient w.r.t. the kernel, bias and hidden states."""
         cast = head.dtype
-        kernel_axes = ("vocab", "embed") if head.tied else ("embed", "vocab")
+
+        def as_kernel(x):  # where the weights' gradient accumulates
+            if split is None:  # the kernel's sharding (FSDP: each chunk's part reduce-scattered)
+                return constrain(x, head.kernel_axes)
+            return constrain_spec(x, split.kernel)  # where each slice of the vocabulary lives
+
+        def as_bias(x):  # the bias (and its gradient) split as the weights' vocabulary
+            return x if split is None or x is None else constrain_spec(x, split.bias)
+
         if split is None:
             # One copy of the weights, gathered over the model width (FSDP) and still split
             # over the vocabulary (tensor), serves the logits and the hidden states' gradient
             k = constrain(kernel.astype(cast), ("vocab", None) if head.tied else (None, "vocab"))
         else:  # split over the vocabulary on the moved axes as well: an all-to-all, or nothing
             k = constrain_spec(kernel.astype(cast), split.kernel)
-            if bias_V is not None:  # the bias split as the weights' vocabulary
-                bias_V = constrain_spec(bias_V, split.bias)
+        bias_V = as_bias(bias_V)
 
         def body(carry, xs):
             ce_acc, z_acc, dkernel, dbias = carry
@@ -209,31 +220,20 @@ def chunked_cross_entropy_sums(head: HeadInputs, targets_BT: jax.Array, weight_B
             else:  # logits = x @ k, k [D, V]
                 dx_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, k, preferred_element_type=partial)
                 dk = jnp.einsum("bcd,bcv->dv", x_BCD, dlogits_BCV, preferred_element_type=grad)
-            if split is None:
-                # accumulated in the kernel's own sharding (FSDP: each chunk's part
-                # reduce-scattered)
-                dkernel = constrain(dkernel + dk.astype(kernel.dtype), kernel_axes)
-            else:  # accumulated where each device's slice of the vocabulary lives
-                dkernel = constrain_spec(dkernel + dk.astype(kernel.dtype), split.kernel)
+            dkernel = as_kernel(dkernel + dk.astype(kernel.dtype))
+            if split is not None:  # back to the examples' devices: a reduce-scatter
                 dx_BCD = constrain(dx_BCD, ("batch", "length", "act_embed"))
             if bias_V is not None:
-                dbias = dbias + jnp.sum(dlogits_BCV, axis=(0, 1)).astype(bias_V.dtype)
-                if split is not None:
-                    dbias = constrain_spec(dbias, split.bias)
+                dbias = as_bias(dbias + jnp.sum(dlogits_BCV, axis=(0, 1)).astype(bias_V.dtype))
             carry = (ce_acc + ce, z_acc + z, dkernel, dbias)
             return carry, dx_BCD.astype(dtype_BCD)
 
         zero = jnp.zeros((), jnp.float32)
-        dbias = None if bias_V is None else jnp.zeros_like(bias_V)
-        if split is not None and bias_V is not None:
-            dbias = constrain_spec(dbias, split.bias)
-        dkernel = jnp.zeros_like(kernel)
-        if split is not None:
-            dkernel = constrain_spec(dkernel, split.kernel)
+        dbias = None if bias_V is None else as_bias(jnp.zeros_like(bias_V))
         (ce, z, dkernel, dbias), dx_NBCD = jax.lax.scan(
-            body, (zero, zero, dkernel, dbias),
+            body, (zero, zero, as_kernel(jnp.zeros_like(kernel)), dbias),
             (chunks(hidden_BTD), chunks(targets_BT), chunks(weight_BT)))
-        dkernel = constrain(dkernel, kernel_axes)  # back to the weights' own sharding
+        dkernel = constrain(dkernel, head.kernel_axes)  # back to the weights' own sharding
         if dbias is not None:
             dbias = constrain(dbias, ("vocab",))
         dhidden_BTD = jnp.swapaxes(dx_NBCD, 0, 1).reshape(B, T, D)
